@@ -1,0 +1,250 @@
+"""Configuration: one frozen dataclass per concern, validated on construction.
+
+The field names are the contract: CLI flag `--imb-factor` = MLproject parameter `imb_factor` =
+MLflow param `imb_factor` (see `flatten`). Data-set dependent defaults (epochs, learning
+rate, model, ...) are written as "auto" on the command line and resolved by `resolve_config`
+before anything is logged, so a run's params always hold the values actually used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from ltexp import LtexpError
+
+DATASETS = ("digits", "cifar10", "cifar100")  # plus "folder:<path>"
+IMB_TYPES = ("exp", "step")
+VAL_SOURCES = ("holdout", "paper")
+MODELS = ("auto", "smallcnn", "resnet18", "resnet32")
+AUGMENTS = ("auto", "crop_flip", "crop", "none")
+SAMPLINGS = ("over", "under", "balanced")
+LWS_MODES = ("joint", "decoupled")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LtexpError(f"unknown --{flag} {value!r}: allowed are {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, how they are made long-tailed, and how validation is carved out."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    imb_type: str = "exp"
+    imb_factor: float = 0.01
+    val_source: str = "holdout"
+    # Balanced validation images per class for val_source=holdout; 0 = the data set's default.
+    val_per_class: int = 0
+    # Side length in pixels that folder images are resized to (CIFAR is 32, digits 8).
+    image_size: int = 32
+    augment: str = "auto"
+    # Download CIFAR archives with torchvision's utilities when they are missing.
+    download: bool = True
+    # Seed of the long-tail subsample and the validation carve; fixed by default (as LDAM-DRW)
+    # so runs with different --seed train on the same images.
+    data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.dataset in DATASETS or self.dataset.startswith("folder:")):
+            raise LtexpError(
+                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)} or folder:<path>"
+            )
+        if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
+            raise LtexpError("--dataset folder: needs a path, e.g. folder:/data/my_images")
+        _choice("imb-type", self.imb_type, IMB_TYPES)
+        if not (isinstance(self.imb_factor, (int, float)) and 0 < self.imb_factor <= 1):
+            raise LtexpError(f"--imb-factor {self.imb_factor!r} is outside (0, 1]: use e.g. 0.1 or 0.01 (1 = keep counts)")
+        _choice("val-source", self.val_source, VAL_SOURCES)
+        if self.val_per_class < 0:
+            raise LtexpError(f"--val-per-class {self.val_per_class} must be >= 0 (0 = data set default)")
+        if self.image_size < 4:
+            raise LtexpError(f"--image-size {self.image_size} must be >= 4 pixels")
+        _choice("augment", self.augment, AUGMENTS)
+
+    @property
+    def family(self) -> str:
+        """`digits`, `cifar` or `folder`: the preset family used for data-set defaults."""
+        if self.dataset.startswith("cifar"):
+            return "cifar"
+        return "folder" if self.dataset.startswith("folder:") else "digits"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: `auto` picks ResNet-18 for 32-px images (the paper) and a small CNN for 8x8."""
+
+    model: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODELS)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with a step schedule; the paper's CIFAR settings are the CIFAR defaults."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    lr_step: int = 150  # epochs between learning-rate decays
+    lr_gamma: float = 0.1
+    clip_norm: float = 0.0  # max global L2 norm of the gradient; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise LtexpError(f"--epochs {self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise LtexpError(f"--batch-size {self.batch_size} must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LtexpError(f"--lr {self.lr} must be a positive number")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise LtexpError("--weight-decay must be >= 0 and --momentum in [0, 1)")
+        if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
+            raise LtexpError(f"--lr-step {self.lr_step} must be >= 1 and --lr-gamma {self.lr_gamma} in (0, 1]")
+        if self.clip_norm < 0 or not math.isfinite(self.clip_norm):
+            raise LtexpError(f"--clip-norm {self.clip_norm} must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What makes a method: see `ltexp.methods.METHODS`."""
+
+    method: str = "baseline"
+    sampling: str = "over"  # resample: over (the paper's ROS), under, balanced
+    lws_mode: str = "decoupled"  # lws: joint (the paper) or decoupled (Kang et al. 2019)
+    lws_epochs: int = 10  # epochs of scale-only training in decoupled LWS
+    lws_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        from ltexp.methods import METHODS  # late: methods imports config
+
+        _choice("method", self.method, tuple(METHODS))
+        _choice("sampling", self.sampling, SAMPLINGS)
+        _choice("lws-mode", self.lws_mode, LWS_MODES)
+        if self.lws_epochs < 1:
+            raise LtexpError(f"--lws-epochs {self.lws_epochs} must be >= 1")
+        if self.lws_lr <= 0:
+            raise LtexpError(f"--lws-lr {self.lws_lr} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is recorded. The tracking URI itself comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = "ltexp"
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one experiment needs; `flatten(cfg)` is what gets logged as MLflow params."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
+
+
+# Data-set dependent defaults, applied to every field the user left at "auto".
+# Digits: sized so the quickstart takes about a minute on 2 CPU cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar": {"model": "resnet18", "epochs": 200, "batch_size": 128, "lr": 0.1,
+              "weight_decay": 2e-4, "lr_step": 150, "augment": "crop_flip", "val_per_class": 0},
+    "digits": {"model": "smallcnn", "epochs": 100, "batch_size": 64, "lr": 0.05,
+               "weight_decay": 5e-4, "lr_step": 70, "augment": "crop", "val_per_class": 20},
+    "folder": {"model": "resnet18", "epochs": 30, "batch_size": 64, "lr": 0.05,
+               "weight_decay": 5e-4, "lr_step": 20, "augment": "crop_flip", "val_per_class": 10},
+}
+# Holdout validation images per class for CIFAR (the source has 5,000 / 500 per class).
+CIFAR_VAL_PER_CLASS = {"cifar10": 100, "cifar100": 20}
+AUTO = "auto"
+
+
+def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: str = "auto") -> RunConfig:
+    """Build a validated `RunConfig` from per-section values, filling "auto" from `PRESETS`.
+
+    `sections` maps section name (data, model, optim, method, tracking) to field values as the
+    CLI parsed them; a value of "auto" (or a missing key) means "the data set's default".
+    """
+    data_values = {k: v for k, v in sections.get("data", {}).items() if v != AUTO}
+    data = DataConfig(**data_values)
+    preset = PRESETS[data.family]
+    if data.family == "folder" and data.image_size < 32:
+        preset = {**preset, "model": "smallcnn", "augment": "crop"}
+
+    def fill(cls, values: dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        out = {}
+        for name in names:
+            value = values.get(name, AUTO)
+            if value == AUTO:
+                if name in preset:
+                    value = preset[name]
+                else:
+                    continue
+            out[name] = value
+        return cls(**out)
+
+    if data.augment == AUTO or "augment" not in data_values:
+        data = replace(data, augment=data_values.get("augment", preset["augment"]))
+    if data.val_per_class == 0:
+        default_val = CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"])
+        data = replace(data, val_per_class=default_val)
+    return RunConfig(
+        data=data,
+        model=fill(ModelConfig, sections.get("model", {})),
+        optim=fill(OptimConfig, sections.get("optim", {})),
+        method=fill(MethodConfig, sections.get("method", {})),
+        tracking=fill(TrackingConfig, sections.get("tracking", {})),
+        seed=int(seed),
+        device=device,
+    )
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Flatten nested dataclasses to `{"imb_factor": 0.01, ...}` for `mlflow.log_params`.
+
+    Field names are unique across sections, so each param has the same name as its CLI flag
+    (with underscores) and its MLproject parameter.
+    """
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        items = flatten(value).items() if is_dataclass(value) else [(f.name, value)]
+        for key, item in items:
+            if key in out:
+                raise ValueError(f"config field {key!r} is defined twice")  # a programming error
+            out[key] = item
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The nested config as plain dicts (for the logged `config.json`)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a `RunConfig` from `to_dict` output (e.g. a logged config.json)."""
+    return RunConfig(
+        data=DataConfig(**values["data"]),
+        model=ModelConfig(**values["model"]),
+        optim=OptimConfig(**values["optim"]),
+        method=MethodConfig(**values["method"]),
+        tracking=TrackingConfig(**values["tracking"]),
+        seed=values["seed"],
+        device=values["device"],
+    )

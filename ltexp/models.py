@@ -1,0 +1,131 @@
+"""Networks. Every model is a `Classifier`: uint8 images in, logits out, with `features` / `head`.
+
+- `resnet18`: CIFAR ResNet-18 (3x3 stem, no max-pool), the paper's model.
+- `resnet32`: CIFAR ResNet-32 (He et al. 2016, option-A shortcuts), the model most published
+  long-tail numbers use (LDAM-DRW, decoupling).
+- `smallcnn`: three conv layers for 8x8 digits.
+
+The head is a linear layer with a per-class scale (LWS, Kang et al. 2019): logits_c =
+s_c * (w_c . f + b_c). The scales are ones and frozen unless the method learns them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltexp import LtexpError
+
+
+class ScaledLinearHead(nn.Module):
+    """Linear classifier with learnable-or-frozen per-class weight scaling (LWS)."""
+
+    def __init__(self, in_features: int, num_classes: int, learn_scales: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+        self.scales = nn.Parameter(torch.ones(num_classes), requires_grad=learn_scales)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features) * self.scales
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "conv":  # option B: 1x1 conv projection (ResNet-18)
+                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            else:  # option A: subsample and zero-pad channels (CIFAR ResNet-32, no parameters)
+                pad = planes - in_planes
+                self.shortcut = _PadShortcut(stride, pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _PadShortcut(nn.Module):
+    def __init__(self, stride: int, pad: int):
+        super().__init__()
+        self.stride, self.pad = stride, pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+def _resnet_body(in_channels: int, stem: int, widths, blocks, shortcut: str) -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()]
+    in_planes = stem
+    for i, (width, count) in enumerate(zip(widths, blocks)):
+        for j in range(count):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers.append(BasicBlock(in_planes, width, stride, shortcut))
+            in_planes = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), in_planes
+
+
+def _smallcnn_body(in_channels: int) -> tuple[nn.Module, int]:
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    body = nn.Sequential(*block(in_channels, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return body, 128
+
+
+BODIES = {
+    "resnet18": lambda c: _resnet_body(c, 64, (64, 128, 256, 512), (2, 2, 2, 2), "conv"),
+    "resnet32": lambda c: _resnet_body(c, 16, (16, 32, 64), (5, 5, 5), "pad"),
+    "smallcnn": _smallcnn_body,
+}
+
+
+class Classifier(nn.Module):
+    """Normalisation + feature extractor + (LWS-capable) linear head.
+
+    Takes uint8 (or float in 0..255) images (N, C, H, W); `mean` / `std` are per-channel in
+    0..255 units, computed on the training set, and travel with the weights.
+    """
+
+    def __init__(self, arch: str, in_channels: int, num_classes: int, mean, std, learn_scales: bool = False):
+        super().__init__()
+        if arch not in BODIES:
+            raise LtexpError(f"unknown --model {arch!r}: allowed are {', '.join(BODIES)}")
+        self.arch = arch
+        self.body, self.num_features = BODIES[arch](in_channels)
+        self.head = ScaledLinearHead(self.num_features, num_classes, learn_scales)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        return self.body(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def build_model(arch: str, image_shape: tuple[int, int, int], num_classes: int, mean, std,
+                learn_scales: bool = False) -> Classifier:
+    """A `Classifier` for images of shape (H, W, C); `arch="auto"` picks by image size."""
+    height, _, channels = image_shape
+    if arch == "auto":
+        arch = "resnet18" if height >= 32 else "smallcnn"
+    return Classifier(arch, channels, num_classes, mean, std, learn_scales)
+
+
+def channel_stats(images_nhwc) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..255 units) of uint8 NHWC images, for normalisation."""
+    x = torch.as_tensor(images_nhwc).to(torch.float64)
+    dims = tuple(range(x.ndim - 1))
+    std = x.std(dim=dims).clamp(min=1.0)  # a constant channel must not divide by zero
+    return x.mean(dim=dims).tolist(), std.tolist()

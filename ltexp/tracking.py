@@ -1,0 +1,194 @@
+"""Everything MLflow: the only module that imports mlflow.
+
+One experiment run per `ltexp train` / `mlflow run` entry point. Under `mlflow run` the run
+already exists (MLFLOW_RUN_ID) and is used as it is, without `set_experiment`. The store is
+whatever MLFLOW_TRACKING_URI names; MLflow 3's default is `sqlite:///mlflow.db` in the working
+directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import ltexp
+from ltexp.config import RunConfig, flatten, to_dict
+from ltexp.metrics import finite
+
+ERROR_TAG = "ltexp.error"
+# `mlflow run` logs entry-point parameters before our process starts; a parameter left at
+# "auto" there cannot be overwritten (MLflow params are immutable), so the value actually used
+# is logged beside it under this suffix.
+RESOLVED_SUFFIX = ".resolved"
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, when ltexp runs from a git work tree (None otherwise)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
+    """The tags every run carries (DESIGN.md §3)."""
+    tags = {
+        "ltexp.method": cfg.method.method,
+        "ltexp.dataset": cfg.data.dataset,
+        "ltexp.imb_type": cfg.data.imb_type,
+        "ltexp.imb_factor": str(cfg.data.imb_factor),
+        "ltexp.seed": str(cfg.seed),
+        "ltexp.version": ltexp.__version__,
+        "ltexp.role": role,
+    }
+    commit = git_commit()
+    if commit:
+        tags["ltexp.git_commit"] = commit
+    return tags
+
+
+def _same_value(logged: str, value: Any) -> bool:
+    """Whether a param `mlflow run` logged as text means `value` ("0.01" == 0.01, "true" == True)."""
+    if isinstance(value, bool):
+        return logged.strip().lower() in (("true", "1", "yes", "on") if value else ("false", "0", "no", "off"))
+    if isinstance(value, (int, float)):
+        try:
+            return float(logged) == float(value)
+        except ValueError:
+            return False
+    return logged == str(value)
+
+
+class Run:
+    """Handle on the active MLflow run, with the logging calls the experiment needs."""
+
+    def __init__(self, run: mlflow.ActiveRun):
+        self.run = run
+        self.run_id = run.info.run_id
+
+    def log_config(self, cfg: RunConfig) -> None:
+        """All resolved config fields as params, plus `config.json`."""
+        existing = MlflowClient().get_run(self.run_id).data.params
+        params = {}
+        for key, value in flatten(cfg).items():
+            if key in existing and not _same_value(existing[key], value):
+                params[key + RESOLVED_SUFFIX] = value
+            elif key not in existing:
+                params[key] = value
+        mlflow.log_params(params)
+        mlflow.log_dict(to_dict(cfg), "config.json")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        mlflow.log_params(params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        mlflow.set_tags(tags)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """Per-epoch metrics at step = global epoch; asynchronous so logging stays out of epoch time."""
+        values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
+        mlflow.log_metrics(finite(values), step=int(record["epoch"]), synchronous=False)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(finite(metrics))
+
+    def log_figure(self, figure, path: str) -> None:
+        mlflow.log_figure(figure, path)
+
+    def log_table(self, frame, path: str) -> None:
+        """A pandas DataFrame as a CSV artifact."""
+        mlflow.log_text(frame.to_csv(index=False), path)
+
+    def log_json(self, value: dict, path: str) -> None:
+        mlflow.log_dict(value, path)
+
+    def log_torch(self, state: dict, path: str) -> None:
+        """A `torch.save` checkpoint as an artifact at `path` (e.g. `checkpoint/model.pt`)."""
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(path).name
+            torch.save(state, local)
+            mlflow.log_artifact(str(local), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+    @property
+    def artifact_uri(self) -> str:
+        return mlflow.get_artifact_uri()
+
+
+@contextmanager
+def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
+    """Open (or, under `mlflow run`, resume) the experiment run; mark it FAILED on any error.
+
+    The error's one-line message is kept as the `ltexp.error` tag, and everything logged before
+    the error stays in the run.
+    """
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(cfg.tracking.experiment)
+    active = mlflow.start_run(run_name=cfg.tracking.run_name or None)
+    try:
+        mlflow.set_tags(run_tags(cfg, role))
+        yield Run(active)
+    except BaseException as exc:
+        flush()
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        mlflow.set_tag(ERROR_TAG, error_message(exc))
+        mlflow.end_run(status)
+        raise
+    else:
+        flush()
+        mlflow.end_run("FINISHED")
+
+
+def flush() -> None:
+    """Wait for asynchronously logged metrics to reach the store."""
+    try:
+        mlflow.flush_async_logging()
+    except Exception:  # flushing must never hide the error being reported
+        pass
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a tag or the terminal: the message, or the exception type when it has none."""
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, ltexp.LtexpError) and text:
+        return text[0][:5000]
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
+
+
+def fail_existing_run(reason: str) -> None:
+    """Mark the run that `mlflow run` created FAILED, for errors raised before it was opened."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    client = MlflowClient()
+    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
+def get_run(run_id: str):
+    """The MLflow `Run` entity (params, metrics, tags) for tests and reports."""
+    return MlflowClient().get_run(run_id)
+
+
+def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
+    """Artifact paths of a run, recursively."""
+    client = MlflowClient()
+    out: list[str] = []
+    for item in client.list_artifacts(run_id, path):
+        out.extend(list_artifacts(run_id, item.path) if item.is_dir else [item.path])
+    return out
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric."""
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
