@@ -71,6 +71,8 @@ class FitResult:
     train_time_s: float          # training steps only, validation excluded
     images_seen: int
     history: list[dict] = field(default_factory=list)
+    # Images drawn per class in each epoch (label order): what the sampler really fed the model.
+    seen_per_class: list[list[int]] = field(default_factory=list)
 
     @property
     def train_images_per_s(self) -> float:
@@ -108,6 +110,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
         model.to(memory_format=torch.channels_last)
     num_classes = info.num_classes
     history: list[dict] = []
+    seen_per_class: list[list[int]] = []
     global_epoch, images_seen, train_time = 0, 0, 0.0
     best_acc, best_epoch = -1.0, 0
     for stage in stages:
@@ -124,6 +127,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
                 torch.cuda.synchronize()
             started = time.perf_counter()
             order = sampler(train.labels, num_classes, generator)
+            seen = torch.bincount(train.labels[order], minlength=num_classes)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             steps = math.ceil(len(order) / batch_size)
@@ -154,6 +158,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
             epoch_time = time.perf_counter() - started
             train_time += epoch_time
             images_seen += len(order)
+            seen_per_class.append(seen.tolist())
             if not math.isfinite(train_loss):
                 if bar is not None:
                     bar.close()
@@ -177,7 +182,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
             model.load_state_dict(stage_best_state)
     _set_trainable(model, TRAIN_NETWORK)
     model.eval()
-    return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history)
+    return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class)
 
 
 def _progress(enabled: bool, total: int, desc: str):

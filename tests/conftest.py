@@ -1,0 +1,79 @@
+"""Shared fixtures: generated CIFAR-format archives and a throw-away MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """Write a small archive in the official python format (torchvision's folder layout).
+
+    Pixel content encodes the class (a per-class mean colour plus noise) so a model can learn it.
+    Returns the folder that was written (`root/cifar-10-batches-py` or `root/cifar-100-python`).
+    """
+    rng = np.random.default_rng(seed)
+    k = 10 if name == "cifar10" else 100
+
+    def make(per_class):
+        labels = np.repeat(np.arange(k), per_class)
+        rng.shuffle(labels)
+        base = rng.integers(0, 256, size=(k, 3, 1, 1))
+        images = np.clip(base[labels] + rng.normal(0, 20, size=(len(labels), 3, 32, 32)), 0, 255).astype(np.uint8)
+        return images.reshape(len(labels), 3072), labels.tolist()
+
+    def dump(path, obj):
+        with open(path, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        data, labels = make(train_per_class)
+        for i, chunk in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
+            dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5",
+                                             "data": data[chunk], "labels": [labels[j] for j in chunk]})
+        data, labels = make(test_per_class)
+        dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": data, "labels": labels})
+        dump(folder / "batches.meta", {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                       "frog", "horse", "ship", "truck"], "num_vis": 3072})
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+            data, labels = make(per_class)
+            dump(folder / split, {"data": data, "fine_labels": labels, "coarse_labels": [lab // 5 for lab in labels]})
+        dump(folder / "meta", {"fine_label_names": [f"class_{i:02d}" for i in range(100)],
+                               "coarse_label_names": [f"super_{i:02d}" for i in range(20)]})
+    return folder
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking store; the test runs in tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def subprocess_env(mlflow_store):
+    """Environment for CLI subprocesses: the test's store, this interpreter's bin on PATH."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = mlflow_store
+    env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_RUN_ID", None)
+    return env

@@ -1,0 +1,148 @@
+"""End to end: `mlflow run . -e <method>`, `ltexp train`, `ltexp data`, and every bad input."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, write_cifar_archive
+
+EPOCH_KEYS = {"train_loss", "train_acc", "lr", "epoch_time_s", "val_acc", "val_head_acc", "val_tail_acc",
+              "val_macro_acc", "val_ece", "val_nll"}
+TEST_KEYS = {"test_acc", "test_head_acc", "test_tail_acc", "test_medium_acc", "test_few_acc", "test_macro_acc",
+             "test_ece", "test_nll", "train_time_s", "test_time_s", "train_images_per_s", "best_val_acc"}
+ARTIFACTS = {"config.json", "data/class_counts.csv", "data/class_counts.png", "eval/per_class_accuracy.csv",
+             "eval/accuracy_vs_count.png", "eval/confusion_matrix.csv", "eval/confusion_matrix.png",
+             "checkpoint/model.pt"}
+TAGS = {"ltexp.method", "ltexp.dataset", "ltexp.imb_type", "ltexp.imb_factor", "ltexp.seed", "ltexp.version",
+        "ltexp.role"}
+
+
+def _all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def _artifacts(run_id, path=None):
+    out = []
+    for item in MlflowClient().list_artifacts(run_id, path):
+        out += _artifacts(run_id, item.path) if item.is_dir else [item.path]
+    return set(out)
+
+
+def _ltexp(args, env, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ltexp", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ltexp: error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("method,params,stages", [
+    ("baseline", [], 1),
+    ("resample", ["-P", "sampling=over"], 1),
+    ("lws", ["-P", "lws_epochs=2"], 2),
+])
+def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, params, stages):
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", method, "--env-manager", "local",
+                           "-P", "epochs=3", *params], env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _all_runs()
+    assert run.info.status == "FINISHED"
+    data = run.data
+    assert TEST_KEYS <= set(data.metrics)
+    assert EPOCH_KEYS <= set(data.metrics)
+    assert 0.1 < data.metrics["test_acc"] <= 1.0
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == list(range(1, 3 + (2 if stages == 2 else 0) + 1))
+    assert TAGS <= set(data.tags) and data.tags["ltexp.method"] == method and data.tags["ltexp.role"] == "experiment"
+    assert data.tags["mlflow.project.entryPoint"] == method  # the run `mlflow run` created was used
+    # Entry-point parameters as logged by mlflow run, plus what "auto" resolved to.
+    assert data.params["dataset"] == "digits" and data.params["imb_factor"] == "0.01" and data.params["epochs"] == "3"
+    assert data.params["lr"] == "auto" and data.params["lr.resolved"] == "0.05"
+    assert data.params["model.resolved"] == "smallcnn" and data.params["clip_norm"] == "0"
+    assert ARTIFACTS <= _artifacts(run.info.run_id)
+
+
+def test_ltexp_train_and_result_table(subprocess_env, tmp_path):
+    proc = _ltexp(["train", "--method", "lws", "--lws-mode", "joint", "--epochs", "2", "--clip-norm", "5",
+                   "--experiment", "cli-test", "--no-progress"], subprocess_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test_acc" in proc.stdout and "test_tail_acc" in proc.stdout and "MLflow run" in proc.stdout
+    (run,) = _all_runs()
+    assert run.data.params["clip_norm"] == "5.0" and run.data.params["lws_mode"] == "joint"
+    assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.05"
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "cli-test"
+    printed = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("test_acc ")))
+    assert printed == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
+
+
+def test_ltexp_data_profile_json_and_chart(subprocess_env, tmp_path):
+    write_cifar_archive(tmp_path / "cifar", "cifar10", 200, 10)
+    proc = _ltexp(["data", "--dataset", "cifar10", "--imb-type", "exp", "--imb-factor", "0.01", "--data-dir",
+                   str(tmp_path / "cifar"), "--val-source", "paper", "--json", "--output-dir", str(tmp_path / "out")],
+                  subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    profile = json.loads(proc.stdout)
+    assert [row["train"] for row in profile["classes"]] == [200, 119, 71, 43, 25, 15, 9, 5, 3, 2]
+    assert profile["totals"] == {"train": 492, "val": 90, "test": 10}
+    assert profile["groups"]["head"] == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert profile["shots"]["many"] == ["airplane", "automobile"] and len(profile["shots"]["few"]) == 5
+    assert (tmp_path / "out" / "class_counts.png").stat().st_size > 1000
+    table = _ltexp(["data", "--dataset", "digits", "--imb-type", "step", "--imb-factor", "0.1"], subprocess_env, cwd=tmp_path)
+    assert table.returncode == 0 and "imbalance ratio 10.0" in table.stdout and "head: 5 classes" in table.stdout
+
+
+def _failed_run_with(reason_fragment):
+    (run,) = _all_runs()
+    assert run.info.status == "FAILED"
+    assert reason_fragment in run.data.tags["ltexp.error"]
+    return run
+
+
+@pytest.mark.parametrize("params,fragment", [
+    (["-P", "dataset=mnist"], "unknown --dataset 'mnist'"),
+    (["-P", "imb_factor=1.5"], "--imb-factor 1.5 is outside (0, 1]"),
+])
+def test_mlflow_run_bad_input_fails_the_run_with_the_reason(subprocess_env, params, fragment):
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local", *params],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    _assert_one_line_error(proc, fragment)
+    _failed_run_with(fragment)
+
+
+def test_unknown_method_is_one_line(subprocess_env):
+    proc = _ltexp(["train", "--method", "focal"], subprocess_env)
+    _assert_one_line_error(proc, "unknown --method 'focal': allowed are baseline, resample, lws")
+    assert _all_runs() == []  # validated before any run was opened
+    bad_number = _ltexp(["train", "--epochs", "many"], subprocess_env)
+    _assert_one_line_error(bad_number, "--epochs 'many' is not an integer or auto")
+
+
+@pytest.mark.parametrize("make_args,fragment", [
+    (lambda tmp: ["--dataset", f"folder:{tmp / 'empty'}"], "holds no images"),
+    (lambda tmp: ["--imb-factor", "0.001"], "has 0 training images after --imb-type exp --imb-factor 0.001"),
+    (lambda tmp: ["--dataset", "cifar10", "--data-dir", str(tmp / "nowhere"), "--download", "false"],
+     "cifar10 not found in"),
+    (lambda tmp: ["--lr", "1e30", "--epochs", "2"], "training loss is nan"),
+])
+def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(subprocess_env, tmp_path, make_args, fragment):
+    for split in ("train", "test"):
+        (tmp_path / "empty" / split / "cat").mkdir(parents=True, exist_ok=True)
+    proc = _ltexp(["train", "--no-progress", *make_args(tmp_path)], subprocess_env, cwd=tmp_path)
+    _assert_one_line_error(proc, fragment)
+    run = _failed_run_with(fragment)
+    assert "config.json" in _artifacts(run.info.run_id)  # logged before the failure, still there
+    assert run.data.params["method"] == "baseline"
+    if fragment == "training loss is nan":
+        assert "data/class_counts.csv" in _artifacts(run.info.run_id)

@@ -1,0 +1,131 @@
+"""The one engine: stages from methods, LWS decoupled, re-sampling, clipping, bad losses."""
+
+import numpy as np
+import pytest
+import torch
+
+from ltexp import LtexpError
+from ltexp.config import MethodConfig, OptimConfig
+from ltexp.data import build_long_tail
+from ltexp.data.device import DeviceImages, build_augment
+from ltexp.data.sources import load_digits_source
+from ltexp.engine import fit, predict_logits
+from ltexp.methods import TRAIN_SCALES, build_method
+from ltexp.models import build_model, channel_stats
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_long_tail(load_digits_source(), "exp", 0.1, "holdout", 20, seed=0)
+
+
+def _setup(data, arch="smallcnn"):
+    torch.manual_seed(0)
+    mean, std = channel_stats(data.train_images)
+    model = build_model(arch, data.image_shape, data.info.num_classes, mean, std)
+    train = DeviceImages.from_numpy(data.train_images, data.train_labels, "cpu")
+    val = DeviceImages.from_numpy(data.val_images, data.val_labels, "cpu")
+    return model, train, val
+
+
+def _fit(model, train, val, data, method_cfg, epochs=3, **kw):
+    optim = OptimConfig(epochs=epochs, batch_size=64, lr=0.05, lr_step=100)
+    stages = build_method(method_cfg).stages(optim)
+    return fit(model, train, val, stages, data.info, batch_size=64, clip_norm=kw.pop("clip_norm", 0.0),
+               augment=build_augment("crop", 8), seed=0, **kw)
+
+
+def test_baseline_learns_digits(digits):
+    model, train, val = _setup(digits)
+    result = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=8)
+    assert result.best_val_acc > 0.6  # chance is 0.1
+    assert len(result.history) == 8 and result.images_seen == 8 * len(train)
+    assert {"train_loss", "train_acc", "lr", "epoch_time_s", "val_acc", "val_head_acc", "val_ece"} <= set(result.history[0])
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_same_seed_is_repeatable_on_cpu(digits):
+    runs = []
+    for _ in range(2):
+        model, train, val = _setup(digits)
+        _fit(model, train, val, digits, MethodConfig("baseline"), epochs=2)
+        runs.append(predict_logits(model, val.images))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("sampling", ["over", "under", "balanced"])
+def test_resampling_changes_class_frequencies_seen(digits, sampling):
+    model, train, val = _setup(digits)
+    result = _fit(model, train, val, digits, MethodConfig("resample", sampling=sampling), epochs=2)
+    natural = np.bincount(digits.train_labels).tolist()
+    seen = result.seen_per_class
+    if sampling == "over":
+        assert seen == [[max(natural)] * 10] * 2
+    elif sampling == "under":
+        assert seen == [[min(natural)] * 10] * 2
+    else:
+        # Epoch length stays the data set's; each class expects 2 * 406 / 10 = 81 draws over two
+        # epochs (natural sampling would give 200 and 20).
+        assert all(sum(epoch) == len(digits.train_labels) for epoch in seen)
+        assert all(50 < a + b < 115 for a, b in zip(*seen))
+    baseline = _fit(*_setup(digits), digits, MethodConfig("baseline"), epochs=1)
+    assert baseline.seen_per_class == [natural]
+
+
+def test_lws_decoupled_changes_only_the_scales(digits):
+    model, train, val = _setup(digits)
+    method = build_method(MethodConfig("lws", lws_mode="decoupled", lws_epochs=3, lws_lr=0.5))
+    stages = method.stages(OptimConfig(epochs=2, lr=0.05, lr_step=100))
+    assert [s.trainable for s in stages][-1] == TRAIN_SCALES and stages[-1].sampler == "balanced"
+    fit(model, train, val, stages[:1], digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(model.head.scales.detach(), torch.ones(10))
+    fit(model, train, val, stages[1:], digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["head.scales"]  # weights, biases and BatchNorm statistics untouched
+    assert not torch.allclose(after["head.scales"], torch.ones(10))
+
+
+def test_lws_joint_learns_scales_with_the_network(digits):
+    model, train, val = _setup(digits)
+    _fit(model, train, val, digits, MethodConfig("lws", lws_mode="joint"), epochs=2)
+    assert not torch.allclose(model.head.scales.detach(), torch.ones(10))
+    assert len(build_method(MethodConfig("lws", lws_mode="joint")).stages(OptimConfig())) == 1
+
+
+def test_baseline_keeps_scales_at_one(digits):
+    model, train, val = _setup(digits)
+    _fit(model, train, val, digits, MethodConfig("baseline"), epochs=1)
+    assert torch.equal(model.head.scales.detach(), torch.ones(10))
+
+
+def test_gradient_clipping_bounds_the_update(digits):
+    # One step at lr 1 without momentum history: the update's norm equals the clipped gradient's.
+    model, train, val = _setup(digits)
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+    optim = OptimConfig(epochs=1, batch_size=len(train), lr=1.0, weight_decay=0.0, lr_step=10)
+    stages = build_method(MethodConfig("baseline")).stages(optim)
+    stages = [type(stages[0])(**{**stages[0].__dict__, "weight_decay": 0.0})]
+    fit(model, train, val, stages, digits.info, batch_size=len(train), clip_norm=0.5,
+        augment=build_augment("none", 8), seed=0)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]) - start
+    assert moved.norm().item() == pytest.approx(0.5, rel=1e-3)
+
+
+def test_non_finite_loss_is_a_clear_error(digits):
+    model, train, val = _setup(digits)
+    with pytest.raises(LtexpError, match=r"training loss is nan in stage 'train' epoch 1: lower --lr"):
+        optim = OptimConfig(epochs=2, batch_size=64, lr=1e30, lr_step=100)
+        fit(model, train, val, build_method(MethodConfig("baseline")).stages(optim), digits.info,
+            batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+
+
+@pytest.mark.parametrize("arch,shape", [("resnet18", (32, 32, 3)), ("resnet32", (32, 32, 3)), ("smallcnn", (8, 8, 1))])
+def test_every_model_has_features_and_head(arch, shape):
+    model = build_model(arch, shape, 7, [100.0] * shape[2], [50.0] * shape[2]).eval()
+    images = torch.randint(0, 255, (2, shape[2], shape[0], shape[1]), dtype=torch.uint8)
+    features = model.features(images)
+    assert features.shape == (2, model.num_features)
+    assert torch.allclose(model.head(features), model(images))
+    assert model(images).shape == (2, 7)

@@ -1,0 +1,154 @@
+"""Long-tail construction, validation carving, ranks, groups and shots."""
+
+import numpy as np
+import pytest
+
+from ltexp import LtexpError
+from ltexp.data import build_long_tail, load_source, long_tail_counts
+from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
+from ltexp.data.sources import load_cifar_source, load_digits_source
+
+from conftest import write_cifar_archive
+
+
+def test_ldam_counts_cifar10_exp_001():
+    assert long_tail_counts(5000, 10, "exp", 0.01) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def test_ldam_totals_cifar100():
+    assert sum(long_tail_counts(500, 100, "exp", 0.01)) == 10847
+    assert sum(long_tail_counts(500, 100, "exp", 0.1)) == 19573
+
+
+def test_step_counts():
+    assert long_tail_counts(5000, 10, "step", 0.1) == [5000] * 5 + [500] * 5
+    assert long_tail_counts(500, 100, "step", 0.01) == [500] * 50 + [5] * 50
+
+
+def test_full_size_cifar10_archive_paper_protocol_keeps_exact_counts(tmp_path):
+    # A full-size generated archive (50,000 train images): the exact LDAM-DRW counts come out.
+    write_cifar_archive(tmp_path, "cifar10", 5000, 20)
+    source = load_cifar_source("cifar10", tmp_path, download=False)
+    data = build_long_tail(source, "exp", 0.01, "paper", 0, seed=0)
+    assert np.bincount(data.train_labels).tolist() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert data.info.class_names[0] == "airplane"
+    assert data.train_images.shape == (12406, 32, 32, 3) and data.train_images.dtype == np.uint8
+
+
+def test_cifar100_archive_totals_and_holdout(tmp_path):
+    write_cifar_archive(tmp_path, "cifar100", 60, 4)
+    source = load_cifar_source("cifar100", tmp_path, download=False)
+    assert source.num_classes == 100 and source.balanced
+    paper = build_long_tail(source, "exp", 0.1, "paper", 0, seed=0)
+    assert len(paper.train_labels) == sum(long_tail_counts(60, 100, "exp", 0.1))
+    # holdout: 10 per class set aside first, the formula runs on the 50 left (exact factor 0.1).
+    holdout = build_long_tail(source, "exp", 0.1, "holdout", 10, seed=0)
+    assert np.bincount(holdout.train_labels, minlength=100).tolist() == long_tail_counts(50, 100, "exp", 0.1)
+    assert np.bincount(holdout.val_labels).tolist() == [10] * 100
+    assert len(holdout.test_labels) == 400
+
+
+@pytest.mark.parametrize("val_source", ["holdout", "paper"])
+def test_validation_never_overlaps_train_or_test(val_source):
+    source = load_digits_source()
+    data = build_long_tail(source, "exp", 0.01, val_source, 20, seed=3)
+    assert len(np.unique(data.train_index)) == len(data.train_index)
+    if val_source == "paper":
+        # Validation and test are both rows of the official test set: disjoint, 9 : 1.
+        assert data.val_from_test
+        assert len(np.intersect1d(data.val_index, data.test_index)) == 0
+        assert len(data.val_labels) == 450 and len(data.test_labels) == 50
+    else:
+        # Validation and training are both rows of the training pool: disjoint; test untouched.
+        assert len(np.intersect1d(data.train_index, data.val_index)) == 0
+        assert np.bincount(data.val_labels).tolist() == [20] * 10
+        assert len(data.test_labels) == 500
+    assert np.array_equal(data.val_images, (source.test_images if data.val_from_test else source.train_images)[data.val_index])
+
+
+def test_digits_carve_is_balanced_and_fixed():
+    a, b = load_digits_source(), load_digits_source()
+    assert np.bincount(a.test_labels).tolist() == [50] * 10
+    assert np.bincount(a.train_labels).tolist() == [120] * 10
+    assert np.array_equal(a.test_images, b.test_images)
+    assert a.train_images.shape[1:] == (8, 8, 1) and a.train_images.max() == 255
+
+
+def test_digits_exp_001_profile():
+    data = build_long_tail(load_digits_source(), "exp", 0.01, "holdout", 20, seed=0)
+    assert data.info.train_counts.tolist() == [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
+    assert data.info.is_head.tolist() == [True] * 5 + [False] * 5
+    assert data.info.shot.tolist() == ["medium"] * 4 + ["few"] * 6
+
+
+def test_same_seed_same_images_other_seed_other_images():
+    source = load_digits_source()
+    a = build_long_tail(source, "exp", 0.1, "holdout", 20, seed=0)
+    b = build_long_tail(source, "exp", 0.1, "holdout", 20, seed=0)
+    c = build_long_tail(source, "exp", 0.1, "holdout", 20, seed=1)
+    assert np.array_equal(a.train_index, b.train_index)
+    assert not np.array_equal(a.train_index, c.train_index)
+
+
+def test_ranks_ties_by_label_and_groups():
+    info = ClassInfo(tuple("abcde"), np.array([5, 50, 5, 20, 50]))
+    assert info.rank_order.tolist() == [1, 4, 3, 0, 2]
+    assert info.group_of().tolist() == [1, 0, 1, 1, 0]  # split at rank 2: {1, 4} head
+    assert info.group_of([1, 3]).tolist() == [2, 0, 2, 1, 1]
+    assert default_split_at(10) == (5,) and default_split_at(10, 3) == (3, 6)
+
+
+@pytest.mark.parametrize("split", [[0], [10], [5, 5], [6, 3], []])
+def test_bad_split_at(split):
+    with pytest.raises(LtexpError, match="split-at"):
+        validate_split_at(split, 10)
+
+
+def test_zero_image_class_is_a_clear_error():
+    with pytest.raises(LtexpError, match="0 training images after --imb-type exp --imb-factor 0.001"):
+        build_long_tail(load_digits_source(), "exp", 0.001, "holdout", 20, seed=0)
+
+
+def test_folder_source_keeps_real_counts(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", {"cat": 9, "dog": 4, "emu": 3}), ("test", {"cat": 2, "dog": 2, "emu": 2})):
+        for cname, n in counts.items():
+            d = tmp_path / split / cname
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    source = load_source(f"folder:{tmp_path}", image_size=16)
+    assert source.class_names == ("cat", "dog", "emu") and source.train_images.shape == (16, 16, 16, 3)
+    data = build_long_tail(source, "exp", 1.0, "holdout", 5, seed=0)
+    # The rarest class has 3 images, so the balanced holdout takes 2 of each; counts keep their shape.
+    assert np.bincount(data.val_labels).tolist() == [2, 2, 2]
+    assert data.info.train_counts.tolist() == [7, 2, 1]
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(LtexpError, match="holds no images"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(LtexpError, match="unreadable image"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_missing_cifar_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from ltexp.data import sources
+
+    # The real download utility, pointed at a closed loopback port: fails at once, like offline.
+    layout = sources.CIFAR["cifar10"]
+    monkeypatch.setitem(sources.CIFAR, "cifar10", layout.__class__(**{**layout.__dict__, "url": "http://127.0.0.1:9/cifar-10-python.tar.gz"}))
+    with pytest.raises(LtexpError, match=r"cifar10 not found in .*cifar-10-batches-py and download failed"):
+        load_cifar_source("cifar10", tmp_path, download=True)
+    with pytest.raises(LtexpError, match="downloads are off"):
+        load_cifar_source("cifar10", tmp_path, download=False)
