@@ -13,12 +13,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ltexp import LtexpError, __version__
-from ltexp.config import AUTO, DataConfig, MethodConfig, ModelConfig, OptimConfig, TrackingConfig, resolve_config
+from ltexp.config import (AUTO, DataConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig, TrackingConfig,
+                          resolve_config)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
-            "tracking": TrackingConfig}
-# Fields whose default depends on the data set (config.PRESETS); "auto" on the command line.
-AUTO_FIELDS = {"model", "epochs", "batch_size", "lr", "weight_decay", "lr_step", "augment", "val_per_class"}
+            "split": SplitConfig, "tracking": TrackingConfig}
+# Fields whose default depends on the data set or method (config.PRESETS); "auto" on the command line.
+AUTO_FIELDS = {"model", "epochs", "batch_size", "lr", "weight_decay", "lr_step", "augment", "val_per_class",
+               "clip_norm"}
 
 HELP = {
     "dataset": "digits (embedded default), cifar10, cifar100 or folder:<path>",
@@ -39,12 +41,20 @@ HELP = {
     "weight_decay": "L2 weight decay (auto: CIFAR 2e-4)",
     "lr_step": "epochs between learning-rate decays (auto: CIFAR 150)",
     "lr_gamma": "learning-rate decay factor",
-    "clip_norm": "clip the gradient's global L2 norm to this (0 = off; the paper's experts use 5)",
-    "method": "baseline, resample or lws",
+    "clip_norm": "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as the paper; else 0)",
+    "method": "baseline, resample, lws or split (class-group experts)",
     "sampling": "resample: over (the paper's ROS), under or balanced",
     "lws_mode": "lws: joint (the paper) or decoupled (Kang et al. 2019)",
     "lws_epochs": "lws decoupled: epochs of scale-only training",
     "lws_lr": "lws decoupled: learning rate of the scales",
+    "num_groups": "split: number of class groups / experts (2 = head, tail)",
+    "split_at": "split: class ranks where groups 2.. start, e.g. 5 or 3,6 (empty: equal numbers of classes)",
+    "expert_mode": "split: own (each expert sees only its classes) or other (plus an \"other\" label)",
+    "other_size": "split, expert_mode other: \"other\" images per epoch = mean, min or max own-class count",
+    "fusion": "split: auto (best on validation), concat, absnorm, softmax, calibrated, other or calibrated_other",
+    "lws": "split: LWS in every expert (true/false)",
+    "register_as": "register the run's model under this name when the run ends (empty: don't)",
+    "alias": "alias given to that registered version",
     "experiment": "MLflow experiment name (ignored under `mlflow run`, which chooses it)",
     "run_name": "MLflow run name (empty: MLflow picks one)",
 }
@@ -129,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    register = commands.add_parser("register", help="register a run's model as a new version, with an alias")
+    register.add_argument("--run-id", required=True, help="the MLflow run whose model is registered")
+    register.add_argument("--name", required=True, help="registered model name, e.g. ltexp-digits")
+    register.add_argument("--alias", default="candidate", help="alias set on the new version (default: candidate)")
+
     data = commands.add_parser("data", help="show the long-tail profile of a data set (no training)")
     _add_section(data, "data")
     data.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -142,13 +157,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(_sections(args), seed=args.seed, device=args.device)
     result = run_experiment(cfg, progress=not args.no_progress)
     keys = ["test_acc", "test_head_acc", "test_tail_acc", "test_many_acc", "test_medium_acc", "test_few_acc",
-            "test_macro_acc", "test_ece", "best_val_acc", "train_time_s", "test_time_s"]
-    rows = [(k, f"{result.metrics[k]:.4f}") for k in keys if k in result.metrics]
+            "test_macro_acc", "test_ece", "test_oracle_acc", "test_oracle_head_acc", "test_oracle_tail_acc",
+            "test_routing_acc", "val_acc", "best_val_acc", "train_time_s", "test_time_s"]
+    rows = [(k, f"{result.metrics[k]:.4f}") for k in keys if k in result.metrics and result.metrics[k] == result.metrics[k]]
     width = max(len(k) for k, _ in rows)
     print(f"\n{cfg.method.method} on {cfg.data.dataset} ({cfg.data.imb_type}, {cfg.data.imb_factor}), seed {cfg.seed}")
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    if result.fusion_table is not None:
+        cols = ["fusion", "val_acc", "test_acc", "test_head_acc", "test_tail_acc", "test_routing_acc"]
+        print("\nfusion rules (chosen on validation: {}; oracle test_acc {:.4f} uses true groups):".format(
+            result.fusion, result.metrics["test_oracle_acc"]))
+        print(result.fusion_table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
+    if result.registered_version is not None:
+        print(f"registered {cfg.tracking.register_as} version {result.registered_version} as @{cfg.tracking.alias}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from ltexp import tracking
+
+    version = tracking.register_model(args.run_id, args.name, args.alias)
+    print(f"registered {args.name} version {version}" + (f" as @{args.alias}" if args.alias else "")
+          + f": serve it with `mlflow models serve -m models:/{args.name}@{args.alias or version} --env-manager local`")
     return 0
 
 
@@ -192,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "data": cmd_data}[args.command](args)
+        return {"train": cmd_train, "data": cmd_data, "register": cmd_register}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:

@@ -21,6 +21,9 @@ VAL_SOURCES = ("holdout", "paper")
 MODELS = ("auto", "smallcnn", "resnet18", "resnet32")
 AUGMENTS = ("auto", "crop_flip", "crop", "none")
 SAMPLINGS = ("over", "under", "balanced")
+EXPERT_MODES = ("own", "other")
+OTHER_SIZES = ("mean", "min", "max")
+FUSIONS = ("auto", "concat", "absnorm", "softmax", "calibrated", "other", "calibrated_other")
 LWS_MODES = ("joint", "decoupled")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -136,11 +139,49 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """Class-group experts (method `split`): groups, expert training and fusion.
+
+    Classes ranked by training count are cut into `num_groups` contiguous groups at the ranks
+    in `split_at` ("" = equal numbers of classes); one expert per group.
+    """
+
+    num_groups: int = 2
+    split_at: str = ""
+    expert_mode: str = "own"      # own: only its group's images; other: plus one "other" label
+    other_size: str = "mean"      # "other" images per epoch = mean / min / max own-class count
+    fusion: str = "auto"          # auto = the rule with the best validation accuracy
+    lws: bool = True              # LWS in each expert (the paper); lws_mode picks joint/decoupled
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 2:
+            raise LtexpError(f"--num-groups {self.num_groups} must be >= 2 (one expert per group)")
+        if self.split_at:
+            parts = [p.strip() for p in str(self.split_at).split(",")]
+            if not all(p.lstrip("-").isdigit() for p in parts):
+                raise LtexpError(f"--split-at {self.split_at!r} must be comma-separated class ranks, e.g. 5 or 3,6")
+            if len(parts) != self.num_groups - 1:
+                raise LtexpError(f"--split-at {self.split_at!r} gives {len(parts) + 1} groups but --num-groups is "
+                                 f"{self.num_groups}: give num_groups - 1 ranks")
+        _choice("expert-mode", self.expert_mode, EXPERT_MODES)
+        _choice("other-size", self.other_size, OTHER_SIZES)
+        _choice("fusion", self.fusion, FUSIONS)
+        if self.fusion in ("other", "calibrated_other") and self.expert_mode != "other":
+            raise LtexpError(f"--fusion {self.fusion} needs --expert-mode other (experts without an \"other\" label)")
+
+    def split_ranks(self) -> tuple[int, ...] | None:
+        """The group start ranks, or None for the default equal split."""
+        return tuple(int(p) for p in str(self.split_at).split(",")) if self.split_at else None
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where the run is recorded. The tracking URI itself comes from MLFLOW_TRACKING_URI."""
 
     experiment: str = "ltexp"
     run_name: str = ""
+    register_as: str = ""         # register the run's model under this name when it finishes
+    alias: str = "candidate"      # alias set on that registered version
 
 
 @dataclass(frozen=True)
@@ -151,6 +192,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     device: str = "auto"
@@ -204,11 +246,15 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     if data.val_per_class == 0:
         default_val = CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"])
         data = replace(data, val_per_class=default_val)
+    method = fill(MethodConfig, sections.get("method", {}))
+    # The paper clips expert gradients at norm 5; single-model methods default to no clipping.
+    preset = {**preset, "clip_norm": 5.0 if method.method == "split" else 0.0}
     return RunConfig(
         data=data,
         model=fill(ModelConfig, sections.get("model", {})),
         optim=fill(OptimConfig, sections.get("optim", {})),
-        method=fill(MethodConfig, sections.get("method", {})),
+        method=method,
+        split=fill(SplitConfig, sections.get("split", {})),
         tracking=fill(TrackingConfig, sections.get("tracking", {})),
         seed=int(seed),
         device=device,
@@ -244,6 +290,7 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         model=ModelConfig(**values["model"]),
         optim=OptimConfig(**values["optim"]),
         method=MethodConfig(**values["method"]),
+        split=SplitConfig(**values.get("split", {})),
         tracking=TrackingConfig(**values["tracking"]),
         seed=values["seed"],
         device=values["device"],

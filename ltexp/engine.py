@@ -95,8 +95,12 @@ def _train_mode(model: torch.nn.Module, trainable: str) -> None:
 
 def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
         *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int,
-        on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> FitResult:
-    """Train `model` through `stages`; after each stage keep its best epoch on validation accuracy.
+        on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+        select_metric: str = "acc") -> FitResult:
+    """Train `model` through `stages`; after each stage keep its best epoch on validation.
+
+    The best epoch maximises `select_metric` on validation (`acc`; experts with an unbalanced
+    "other" label use `macro_acc`).
 
     `on_epoch` receives one dict per epoch: `epoch` (global, from 1), `stage`, `train_loss`,
     `train_acc`, `lr`, `epoch_time_s` and the `val_*` metrics. A non-finite training loss
@@ -118,7 +122,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.9, weight_decay=stage.weight_decay,
                                     fused=device.type == "cuda" or None)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
-        sampler = build_sampler(stage.sampler)
+        sampler = build_sampler(stage.sampler, **stage.sampler_options)
         stage_best_acc, stage_best_state = -1.0, None
         for stage_epoch in range(1, stage.epochs + 1):
             global_epoch += 1
@@ -174,8 +178,8 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
                 bar.close()
             if on_epoch is not None:
                 on_epoch(record)
-            if val_metrics["acc"] > stage_best_acc:
-                stage_best_acc = val_metrics["acc"]
+            if val_metrics[select_metric] > stage_best_acc:
+                stage_best_acc = val_metrics[select_metric]
                 stage_best_state = copy.deepcopy(model.state_dict())
                 best_acc, best_epoch = stage_best_acc, global_epoch
         if stage_best_state is not None:

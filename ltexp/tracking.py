@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import mlflow
-from mlflow.tracking import MlflowClient
+# Artifact download progress bars would interleave with ltexp's own output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import ltexp
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+import ltexp  # noqa: E402
 from ltexp.config import RunConfig, flatten, to_dict
 from ltexp.metrics import finite
 
 ERROR_TAG = "ltexp.error"
+MODEL_URI_TAG = "ltexp.model_uri"
+# What a fresh environment needs to load and serve the model (ltexp itself travels as code).
+MODEL_REQUIREMENTS = ["torch>=2.4,<3", "numpy>=1.24", "pandas>=2", "pillow>=9", "mlflow>=3.7,<4"]
 # `mlflow run` logs entry-point parameters before our process starts; a parameter left at
 # "auto" there cannot be overwritten (MLflow params are immutable), so the value actually used
 # is logged beside it under this suffix.
@@ -108,21 +114,61 @@ class Run:
         """A pandas DataFrame as a CSV artifact."""
         mlflow.log_text(frame.to_csv(index=False), path)
 
-    def log_json(self, value: dict, path: str) -> None:
-        mlflow.log_dict(value, path)
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str]) -> Iterator["Run"]:
+        """A nested run (e.g. one expert) under this one; FAILED with the reason if it raises."""
+        with _guarded(mlflow.start_run(run_name=name, nested=True, tags=tags)) as run:
+            yield run
 
-    def log_torch(self, state: dict, path: str) -> None:
-        """A `torch.save` checkpoint as an artifact at `path` (e.g. `checkpoint/model.pt`)."""
-        import torch
+    def log_model(self, predictor_dir: str | Path, input_example) -> str:
+        """Log the pyfunc model (models-from-code `ltexp/serving.py`) and return its model URI.
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(path).name
-            torch.save(state, local)
-            mlflow.log_artifact(str(local), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+        The signature declares the output columns and the `probabilities` param; the input
+        side is validated by the model itself because it accepts two forms (uint8 arrays and
+        encoded image bytes) that one MLflow input schema cannot describe.
+        """
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    @property
-    def artifact_uri(self) -> str:
-        return mlflow.get_artifact_uri()
+        package_dir = Path(ltexp.__file__).resolve().parent
+        signature = ModelSignature(
+            inputs=None,
+            outputs=Schema([ColSpec("long", "label"), ColSpec("string", "class_name"), ColSpec("double", "score")]),
+            params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
+        )
+        with warnings.catch_warnings():
+            # MLflow suggests type hints on predict(); ours validates its two input forms itself.
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        return info.model_uri
+
+    @staticmethod
+    def _log_pyfunc(package_dir: Path, predictor_dir, signature, input_example):
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package_dir / "serving.py"),
+            artifacts={"predictor": str(predictor_dir)},
+            code_paths=[str(package_dir)],
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=MODEL_REQUIREMENTS,
+        )
+
+
+@contextmanager
+def _guarded(active: mlflow.ActiveRun) -> Iterator[Run]:
+    """End `active` FINISHED, or FAILED (KILLED on Ctrl-C) with the error's one line as a tag."""
+    try:
+        yield Run(active)
+    except BaseException as exc:
+        flush()
+        mlflow.set_tag(ERROR_TAG, error_message(exc))
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        flush()
+        mlflow.end_run("FINISHED")
 
 
 @contextmanager
@@ -134,19 +180,9 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
     """
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.tracking.experiment)
-    active = mlflow.start_run(run_name=cfg.tracking.run_name or None)
-    try:
+    with _guarded(mlflow.start_run(run_name=cfg.tracking.run_name or None)) as run:
         mlflow.set_tags(run_tags(cfg, role))
-        yield Run(active)
-    except BaseException as exc:
-        flush()
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        mlflow.set_tag(ERROR_TAG, error_message(exc))
-        mlflow.end_run(status)
-        raise
-    else:
-        flush()
-        mlflow.end_run("FINISHED")
+        yield run
 
 
 def flush() -> None:
@@ -173,6 +209,31 @@ def fail_existing_run(reason: str) -> None:
     client = MlflowClient()
     client.set_tag(run_id, ERROR_TAG, reason[:5000])
     client.set_terminated(run_id, "FAILED")
+
+
+def register_model(run_id: str, name: str, alias: str = "candidate") -> int:
+    """Register the run's pyfunc model as a new version of `name` and point `alias` at it.
+
+    The version is tagged with the run's data set, method and test metrics. Aliases only; the
+    deprecated stages are never used. Returns the version number.
+    """
+    from ltexp import LtexpError
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise LtexpError(f"--run-id {run_id!r} is not a run in {mlflow.get_tracking_uri()}") from None
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        raise LtexpError(f"run {run_id} has no ltexp model (status {run.info.status}): train it to the end first")
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("ltexp.") and k not in (MODEL_URI_TAG, ERROR_TAG)}
+    tags.update({f"ltexp.{k}": f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test_")})
+    tags["ltexp.run_id"] = run_id
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
 
 
 def get_run(run_id: str):

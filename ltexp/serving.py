@@ -1,0 +1,43 @@
+"""The MLflow pyfunc model, as a models-from-code file (`mlflow.pyfunc.log_model(python_model=<this file>)`).
+
+MLflow executes this file when the model loads; `set_model` registers the instance. The model's
+artifact `predictor` is a `FusedPredictor.save` folder (expert weights, class names,
+normalisation, fusion rule and its fitted parameters). The ltexp package travels with the model
+as a code path, so `mlflow models serve --env-manager local` needs no ltexp install.
+
+Besides tracking.py, this is the one module that imports mlflow: MLflow's model-from-code
+contract requires it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlflow.exceptions import MlflowException
+from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+
+class FusedExpertsModel(PythonModel):
+    """predict(images) -> DataFrame(label, class_name, score[, probabilities])."""
+
+    def load_context(self, context):
+        from ltexp.engine import resolve_device
+        from ltexp.predictor import FusedPredictor
+
+        device = resolve_device(os.environ.get("LTEXP_SERVE_DEVICE", "cpu"))
+        self.predictor = FusedPredictor.load(context.artifacts["predictor"], device=device)
+
+    def predict(self, context, model_input, params=None):
+        from ltexp.predictor import InvalidInput, to_image_batch
+
+        try:
+            images = to_image_batch(model_input, self.predictor.image_shape)
+        except InvalidInput as exc:
+            # INVALID_PARAMETER_VALUE becomes HTTP 400 in `mlflow models serve`, message intact.
+            raise MlflowException(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+        return self.predictor.predict(images, probabilities=bool((params or {}).get("probabilities", False)))
+
+
+set_model(FusedExpertsModel())

@@ -1,0 +1,99 @@
+"""The shipped model: FusedPredictor persistence, input validation, pyfunc round trip."""
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ltexp.fusion import ExpertLayout
+from ltexp.models import build_model
+from ltexp.predictor import MAX_BATCH_IMAGES, FusedPredictor, InvalidInput, to_image_batch
+
+SHAPE = (8, 8, 1)
+
+
+def _predictor(fusion="softmax", other=False):
+    torch.manual_seed(0)
+    experts = [build_model("smallcnn", SHAPE, 5 + int(other), [80.0], [60.0]).eval() for _ in range(2)]
+    layout = ExpertLayout(((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)), (other, other), 10)
+    return FusedPredictor(experts, layout, fusion, tuple(f"digit{i}" for i in range(10)), SHAPE)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.squeeze(-1)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+
+
+def test_save_load_round_trip_predicts_the_same(tmp_path):
+    predictor = _predictor("calibrated")
+    predictor.fusion_params = {"temperature": [2.0, 0.5], "bias": [0.0, 1.5]}
+    before = predictor.predict(IMAGES, probabilities=True)
+    loaded = FusedPredictor.load(predictor.save(tmp_path))
+    after = loaded.predict(IMAGES, probabilities=True)
+    pd.testing.assert_frame_equal(before.drop(columns="probabilities"), after.drop(columns="probabilities"))
+    assert np.allclose(np.stack(before["probabilities"]), np.stack(after["probabilities"]))
+    assert list(after.columns) == ["label", "class_name", "score", "probabilities"]
+    assert np.allclose(np.stack(after["probabilities"]).sum(1), 1.0)
+    assert (after["class_name"] == [f"digit{i}" for i in after["label"]]).all()
+    assert np.allclose(after["score"], np.stack(after["probabilities"]).max(1))
+
+
+def test_encoded_images_predict_like_arrays():
+    predictor = _predictor()
+    from_array = predictor.predict(to_image_batch(IMAGES, SHAPE))
+    encoded = [_png(img) for img in IMAGES]
+    for form in (pd.DataFrame({"image": encoded}), encoded, {"image": encoded},
+                 pd.DataFrame({"image": [base64.b64encode(b).decode() for b in encoded]})):
+        pd.testing.assert_frame_equal(predictor.predict(to_image_batch(form, SHAPE)), from_array)
+
+
+def test_json_style_int64_arrays_are_accepted():
+    assert to_image_batch(IMAGES.astype(np.int64).tolist(), SHAPE).dtype == np.uint8
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((8, 8, 1), np.uint8), r"shape \(N, 8, 8, 1\) \(rank 4\), got shape \(8, 8, 1\)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), r"height, width and channel count must match"),
+    (np.zeros((2, 8, 8, 1), np.float32), "dtype float32: send uint8 pixel values 0..255"),
+    (np.full((2, 8, 8, 1), np.nan), "contain NaN"),
+    (np.full((2, 8, 8, 1), 300), r"pixel values must lie in 0..255, got 300..300"),
+    (np.zeros((0, 8, 8, 1), np.uint8), "empty batch"),
+    (np.zeros((MAX_BATCH_IMAGES + 1, 8, 8, 1), np.uint8), f"over the limit of {MAX_BATCH_IMAGES}"),
+    (pd.DataFrame({"image": [b"not an image"]}), "image 0: cannot decode as an image"),
+    (pd.DataFrame({"image": ["%%%"]}), "image 0: text is not valid base64"),
+    (pd.DataFrame({"a": [1], "b": [2]}), "expected one column 'image'"),
+    ([[1, 2], [3]], "ragged or non-numeric"),
+])
+def test_bad_requests_name_the_problem(bad, match):
+    with pytest.raises(InvalidInput, match=match):
+        to_image_batch(bad, SHAPE)
+
+
+def test_pyfunc_log_load_predict_equals_in_process(mlflow_store, tmp_path):
+    import mlflow
+
+    from ltexp import tracking
+
+    predictor = _predictor("softmax")
+    expected = predictor.predict(IMAGES)
+    with mlflow.start_run() as active:
+        model_uri = tracking.Run(active).log_model(predictor.save(tmp_path / "p"), input_example=IMAGES[:2])
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    pd.testing.assert_frame_equal(loaded.predict(IMAGES), expected)
+    with_probs = loaded.predict(IMAGES, params={"probabilities": True})
+    assert np.stack(with_probs["probabilities"]).shape == (6, 10)
+    pd.testing.assert_frame_equal(loaded.predict(pd.DataFrame({"image": [_png(i) for i in IMAGES]})), expected)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="invalid input: images must have shape"):
+        loaded.predict(np.zeros((2, 4, 4, 1), np.uint8))
+    signature = loaded.metadata.signature
+    assert [c.name for c in signature.outputs.inputs] == ["label", "class_name", "score"]
+    assert signature.params.params[0].name == "probabilities"
+    assert loaded.metadata.saved_input_example_info is not None
