@@ -153,3 +153,93 @@ def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(subprocess_en
     assert run.data.params["method"] == "baseline"
     if fragment == "training loss is nan":
         assert "data/class_counts.csv" in _artifacts(run.info.run_id)
+
+
+def _children(parent_id):
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.parametrize("groups,mode", [(2, "own"), (3, "other")])
+def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, groups, mode):
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local", "-P", "epochs=3",
+                           "-P", "lws_epochs=1", "-P", f"num_groups={groups}", "-P", f"expert_mode={mode}"],
+                          env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _all_runs()
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = _children(parent.info.run_id)
+    assert len(runs) == groups + 1 and len(children) == groups
+    names = {"2": ["head", "tail"], "3": ["head", "medium", "tail"]}[str(groups)]
+    assert sorted(c.data.tags["ltexp.expert"] for c in children) == sorted(names)
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["ltexp.role"] == "expert"
+        steps = [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == [1, 2, 3, 4]  # 3 epochs + 1 LWS epoch, its own curve
+        assert child.data.params["other"] == str(mode == "other")
+    m = parent.data.metrics
+    assert {"test_acc", "test_head_acc", "test_tail_acc", "test_ece", "test_oracle_acc", "test_oracle_head_acc",
+            "test_oracle_tail_acc", "test_routing_acc", "val_acc", "val_acc__fusion_concat",
+            "test_acc__fusion_absnorm", "val_acc__fusion_softmax", "test_acc__fusion_calibrated"} <= set(m)
+    assert ("test_acc__fusion_other" in m) == (mode == "other")
+    assert parent.data.params["clip_norm.resolved"] == "5.0"  # the paper's expert clipping by default
+    assert parent.data.params["split_ranks"] == {"2": "5", "3": "3,6"}[str(groups)]
+    chosen = parent.data.tags["ltexp.fusion"]
+    assert m["val_acc"] == pytest.approx(max(v for k, v in m.items() if k.startswith("val_acc__fusion_")))
+    assert m["test_acc"] == pytest.approx(m[f"test_acc__fusion_{chosen}"])
+    assert "eval/fusion_rules.csv" in _artifacts(parent.info.run_id)
+    # The logged model is the fused one: it reproduces the headline test accuracy.
+    from ltexp.config import resolve_config
+    from ltexp.data import build_dataset
+
+    digits = build_dataset(resolve_config({}).data)
+    model = mlflow.pyfunc.load_model(parent.data.tags["ltexp.model_uri"])
+    predicted = model.predict(digits.test_images)["label"].to_numpy()
+    assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
+
+
+def test_split_at_and_forced_fusion_and_register(subprocess_env, tmp_path):
+    proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "2",
+                   "--lws", "false", "--no-progress"], subprocess_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fusion rules (chosen on validation: absnorm" in proc.stdout
+    parent = next(r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["ltexp.fusion"] == "absnorm"
+    head = next(c for c in _children(parent.info.run_id) if c.data.tags["ltexp.expert"] == "head")
+    assert head.data.params["classes"] == "0,1,2"  # ranks 0..2 of digits' exp profile
+    reg = _ltexp(["register", "--run-id", parent.info.run_id, "--name", "ltexp-digits", "--alias", "candidate"],
+                 subprocess_env, cwd=tmp_path)
+    assert reg.returncode == 0, reg.stderr
+    assert "registered ltexp-digits version 1 as @candidate" in reg.stdout
+    version = MlflowClient().get_model_version_by_alias("ltexp-digits", "candidate")
+    assert int(version.version) == 1 and version.tags["ltexp.method"] == "split"
+    assert float(version.tags["ltexp.test_acc"]) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-5)
+    bad = _ltexp(["register", "--run-id", "0" * 32, "--name", "x"], subprocess_env, cwd=tmp_path)
+    _assert_one_line_error(bad, "is not a run in")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--split-at", "0"], "--split-at 0 is out of range: ranks must lie in 1..9"),
+    (["--split-at", "6,3", "--num-groups", "3"], "--split-at 6,3 must be strictly increasing"),
+    (["--split-at", "3,6"], "gives 3 groups but --num-groups is 2"),
+    (["--fusion", "other"], "--fusion other needs --expert-mode other"),
+])
+def test_bad_split_settings_are_one_line(subprocess_env, tmp_path, args, fragment):
+    proc = _ltexp(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], subprocess_env, cwd=tmp_path)
+    _assert_one_line_error(proc, fragment)
+
+
+def test_mlproject_parameters_are_the_cli_flags():
+    import yaml
+
+    from ltexp.cli import build_parser
+
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {opt for action in train._actions for opt in action.option_strings}
+    for name, entry in project["entry_points"].items():
+        for param in entry["parameters"]:
+            flag = "--" + param.replace("_", "-")
+            assert flag in flags, f"{name}: {param} is not an ltexp train flag"
+            assert f"{flag} {{{param}}}" in entry["command"], f"{name}: {param} not passed on"
+        assert f"--method {name}" in entry["command"]
