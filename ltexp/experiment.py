@@ -7,8 +7,11 @@ point call.
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +19,7 @@ import pandas as pd
 import torch
 
 from ltexp import plots, tracking
-from ltexp.config import RunConfig
+from ltexp.config import RunConfig, flatten
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
 from ltexp.engine import FitResult, fit, resolve_device
@@ -78,21 +81,97 @@ def expert_info(info: ClassInfo, spec: ExpertSpec, other_count: int) -> ClassInf
     return ClassInfo(names, np.asarray(counts, dtype=np.int64))
 
 
-def train_expert(cfg: RunConfig, method, spec: ExpertSpec, index: int, data: LongTailData, splits: DeviceSplits,
-                 on_epoch, progress: bool) -> tuple[torch.nn.Module, FitResult]:
-    """Train one expert with the one engine; returns the model at its best validation epoch."""
+def expert_seed(cfg: RunConfig, spec: ExpertSpec) -> int:
+    """Seed of an expert's initialisation and sampling: the run seed and the classes it owns, so
+    the same expert gets the same seed whatever its position among the groups (and can be reused)."""
+    return cfg.seed * 1_000_003 + zlib.crc32(repr((spec.classes, spec.other, spec.other_per_epoch)).encode()) % 1_000_003
+
+
+def expert_key(cfg: RunConfig, spec: ExpertSpec) -> str:
+    """Everything that changes how an expert trains; equal keys give bit-identical experts on CPU."""
+    settings = {k: v for k, v in flatten(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
+    return json.dumps({"settings": settings, "classes": spec.classes, "other": spec.other,
+                       "other_per_epoch": spec.other_per_epoch}, sort_keys=True, default=str)
+
+
+# Config fields that never reach an expert's training (they pick groups, fusion or bookkeeping;
+# the groups themselves are part of the key through the expert's classes).
+UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "experiment",
+                             "run_name", "register_as", "alias", "device"}
+
+
+@dataclass
+class ExpertCache:
+    """Trained experts by `expert_key`, so a tuning study never trains the same expert twice."""
+
+    entries: dict = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    def get(self, key: str):
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
+        self.entries[key] = (copy.deepcopy(model.state_dict()), result)
+
+
+def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
+                 cache: ExpertCache | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
+    """Train one expert with the one engine (or take it from `cache`).
+
+    Returns the model at its best validation epoch, its `FitResult`, and whether it was reused.
+    """
+    data, splits = prep.data, prep.splits
+    seed = expert_seed(cfg, spec)
+    torch.manual_seed(seed)
+    mean, std = channel_stats(data.train_images)
+    model = build_model(cfg.model.model, data.image_shape, spec.num_outputs, mean, std).to(prep.device)
+    key = expert_key(cfg, spec)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        model.load_state_dict(cached[0])
+        return model.eval(), cached[1], True
     k = data.info.num_classes
     train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
     other_count = int((train.labels == len(spec.classes)).sum()) if spec.other else 0
-    info = expert_info(data.info, spec, other_count)
-    torch.manual_seed(cfg.seed * 1000 + index)  # each expert its own, repeatable initialisation
-    mean, std = channel_stats(data.train_images)
-    model = build_model(cfg.model.model, data.image_shape, spec.num_outputs, mean, std).to(splits.train.images.device)
-    result = fit(model, train, val, method.stages(cfg.optim, spec), info, batch_size=cfg.optim.batch_size,
-                 clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
-                 seed=cfg.seed * 1000 + index, on_epoch=on_epoch, progress=progress,
-                 select_metric="macro_acc" if spec.other else "acc")
-    return model, result
+    result = fit(model, train, val, method.stages(cfg.optim, spec), expert_info(data.info, spec, other_count),
+                 batch_size=cfg.optim.batch_size, clip_norm=cfg.optim.clip_norm,
+                 augment=build_augment(cfg.data.augment, data.image_shape[0]), seed=seed, on_epoch=on_epoch,
+                 progress=progress, select_metric="macro_acc" if spec.other else "acc")
+    if cache is not None:
+        cache.put(key, model, result)
+    return model, result, False
+
+
+@dataclass
+class Prepared:
+    """A data set loaded once and placed on the device (a tuning study reuses it for every trial)."""
+
+    data: LongTailData
+    splits: DeviceSplits
+    device: torch.device
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and long-tail the configured data and put its three splits on the training device."""
+    device = resolve_device(cfg.device)
+    data = build_dataset(cfg.data)
+    splits = DeviceSplits(*(DeviceImages.from_numpy(x, y, device) for x, y in (
+        (data.train_images, data.train_labels), (data.val_images, data.val_labels),
+        (data.test_images, data.test_labels))))
+    return Prepared(data, splits, device)
+
+
+def build_experts(cfg: RunConfig, info: ClassInfo):
+    """The method object, its expert specs, and their layout (validates `split_at`)."""
+    method = build_method(cfg.method, cfg.split)
+    specs = method.experts(info)
+    layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), info.num_classes)
+    return method, specs, layout
 
 
 def _timed(device: torch.device, fn):
@@ -105,16 +184,18 @@ def _timed(device: torch.device, fn):
     return out, time.perf_counter() - started
 
 
-def fusion_table(predictor: FusedPredictor, val_outputs, test_outputs, splits: DeviceSplits, info: ClassInfo) -> pd.DataFrame:
-    """Every applicable fusion rule on the trained experts: fitted on validation, scored on both."""
+def fusion_table(layout: ExpertLayout, val: tuple, info: ClassInfo, test: tuple | None = None,
+                 rules: list[str] | None = None) -> pd.DataFrame:
+    """Fusion rules on trained experts' outputs: fitted on validation, scored on validation and,
+    when `test` = (outputs, labels) is given, on test. `val` is (outputs, labels) too."""
     rows = []
-    for rule in applicable_rules(predictor.layout):
-        params = fit_rule(rule, val_outputs, predictor.layout, splits.val.labels)
+    for rule in rules or applicable_rules(layout):
+        params = fit_rule(rule, val[0], layout, val[1])
         row = {"fusion": rule, "params": params}
-        for split, outputs, labels in (("val", val_outputs, splits.val.labels), ("test", test_outputs, splits.test.labels)):
-            log_probs = fuse(rule, outputs, predictor.layout, params)
+        for split, (outputs, labels) in (("val", val), ("test", test)) if test is not None else (("val", val),):
+            log_probs = fuse(rule, outputs, layout, params)
             metrics = classification_metrics(log_probs, labels, info)
-            metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, predictor.layout)
+            metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, layout)
             row.update({f"{split}_{k}": v for k, v in metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -144,84 +225,86 @@ def run_experiment(cfg: RunConfig, progress: bool = False) -> ExperimentResult:
     run per expert when there are several), and log the fused pyfunc model."""
     with tracking.start_run(cfg, role="experiment") as run:
         run.log_config(cfg)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        device = resolve_device(cfg.device)
-        run.set_tags({"ltexp.device": str(device)})
-        data = build_dataset(cfg.data)
-        log_data_profile(run, data)
-        method = build_method(cfg.method, cfg.split)
-        specs = method.experts(data.info)
-        layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), data.info.num_classes)
-        splits = DeviceSplits(*(DeviceImages.from_numpy(x, y, device) for x, y in (
-            (data.train_images, data.train_labels), (data.val_images, data.val_labels),
-            (data.test_images, data.test_labels))))
-        if len(specs) > 1:
-            starts = np.cumsum([len(s.classes) for s in specs])[:-1]
-            run.log_params({"split_ranks": ",".join(map(str, starts)), "experts": ",".join(s.name for s in specs)})
+        return execute(cfg, run, progress=progress)
 
-        experts, expert_runs, train_time, images_seen = [], [], 0.0, 0
-        for index, spec in enumerate(specs):
-            if len(specs) == 1:
-                model, result = train_expert(cfg, method, spec, index, data, splits, run.log_epoch, progress)
-            else:
-                tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
-                with run.child(f"expert-{spec.name}", tags) as child:
-                    child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
-                                      "other": spec.other, "other_per_epoch": spec.other_per_epoch})
-                    model, result = train_expert(cfg, method, spec, index, data, splits, child.log_epoch, progress)
-                    child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
-                                       "best_epoch": result.best_epoch})
-                    expert_runs.append(child.run_id)
-            experts.append(model)
-            train_time += result.train_time_s
-            images_seen += result.images_seen
 
-        predictor = FusedPredictor(experts, layout, "none" if len(specs) == 1 else cfg.split.fusion,
-                                   data.info.class_names, data.image_shape)
-        metrics = {"train_time_s": train_time, "train_images_per_s": images_seen / train_time if train_time else 0.0}
-        table = None
-        if len(specs) == 1:
-            log_probs, test_time = _timed(device, lambda: predictor.log_probs(splits.test.images))
-            test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
-            metrics["best_val_acc"] = result.best_val_acc
-            metrics["best_epoch"] = result.best_epoch
+def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, progress: bool = False,
+            cache: ExpertCache | None = None, expert_runs: bool = True) -> ExperimentResult:
+    """The experiment inside an open run: data, experts, fusion chosen on validation, one test
+    evaluation, artifacts, the model, and registration when asked for."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if prep is None:
+        run.set_tags({"ltexp.device": str(resolve_device(cfg.device))})
+        prep = prepare(cfg)
+    data, splits, device = prep.data, prep.splits, prep.device
+    log_data_profile(run, data)
+    method, specs, layout = build_experts(cfg, data.info)
+    if len(specs) > 1:
+        starts = np.cumsum([len(s.classes) for s in specs])[:-1]
+        run.log_params({"split_ranks": ",".join(map(str, starts)), "experts": ",".join(s.name for s in specs)})
+
+    experts, child_ids, train_time, images_seen = [], [], 0.0, 0
+    for spec in specs:
+        if len(specs) == 1 or not expert_runs:
+            model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if len(specs) == 1 else None,
+                                            progress, cache)
         else:
-            val_outputs = predictor.expert_outputs(splits.val.images)
-            test_outputs, test_time = _timed(device, lambda: predictor.expert_outputs(splits.test.images))
-            table = fusion_table(predictor, val_outputs, test_outputs, splits, data.info)
-            chosen = cfg.split.fusion
-            if chosen == "auto":  # the choice sees validation only
-                chosen = table.sort_values(["val_acc", "val_nll"], ascending=[False, True]).iloc[0]["fusion"]
-            row = table.set_index("fusion").loc[chosen]
-            predictor.fusion, predictor.fusion_params = chosen, row["params"]
-            log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
-            test_time += fuse_time
-            test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
-            test_metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), splits.test.labels, layout)
-            oracle = accuracy_metrics(oracle_predict(test_outputs, layout, splits.test.labels), splits.test.labels, data.info)
-            test_metrics.update({"oracle_acc": oracle["acc"], "oracle_head_acc": oracle["head_acc"],
-                                 "oracle_tail_acc": oracle["tail_acc"]})
-            val_chosen = {k[4:]: row[k] for k in table.columns if k.startswith("val_")}
-            metrics.update({f"val_{k}": v for k, v in val_chosen.items()})
-            for _, r in table.iterrows():
-                for key in ("acc", "head_acc", "tail_acc", "routing_acc"):
-                    metrics[f"val_{key}__fusion_{r['fusion']}"] = r[f"val_{key}"]
-                    metrics[f"test_{key}__fusion_{r['fusion']}"] = r[f"test_{key}"]
-            run.log_table(table.drop(columns=["params"]).assign(params=[str(p) for p in table["params"]]),
-                          "eval/fusion_rules.csv")
-            run.log_params({"fusion.resolved": chosen} if cfg.split.fusion == "auto" else {})
-            run.set_tags({"ltexp.fusion": chosen})
-        metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
-        metrics["test_time_s"] = test_time
-        run.log_metrics(metrics)
-        log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
+            tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
+            with run.child(f"expert-{spec.name}", tags) as child:
+                child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
+                                  "other": spec.other, "other_per_epoch": spec.other_per_epoch})
+                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache)
+                child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
+                                   "best_epoch": result.best_epoch})
+                child_ids.append(child.run_id)
+        experts.append(model)
+        train_time += result.train_time_s
+        images_seen += result.images_seen
 
-        with tempfile.TemporaryDirectory() as tmp:
-            predictor.save(tmp)
-            model_uri = run.log_model(tmp, input_example=data.test_images[:2])
-        version = None
-        if cfg.tracking.register_as:
-            tracking.flush()
-            version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
-        return ExperimentResult(run.run_id, metrics, table, model_uri, version, predictor.fusion, expert_runs)
+    predictor = FusedPredictor(experts, layout, "none", data.info.class_names, data.image_shape)
+    metrics = {"train_time_s": train_time, "train_images_per_s": images_seen / train_time if train_time else 0.0}
+    table = None
+    if len(specs) == 1:
+        log_probs, test_time = _timed(device, lambda: predictor.log_probs(splits.test.images))
+        test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
+        metrics["best_val_acc"] = result.best_val_acc
+        metrics["best_epoch"] = result.best_epoch
+    else:
+        val_outputs = predictor.expert_outputs(splits.val.images)
+        test_outputs, test_time = _timed(device, lambda: predictor.expert_outputs(splits.test.images))
+        table = fusion_table(layout, (val_outputs, splits.val.labels), data.info,
+                             test=(test_outputs, splits.test.labels))
+        chosen = cfg.split.fusion
+        if chosen == "auto":  # the choice sees validation only
+            chosen = table.sort_values(["val_acc", "val_nll"], ascending=[False, True]).iloc[0]["fusion"]
+        row = table.set_index("fusion").loc[chosen]
+        predictor.fusion, predictor.fusion_params = chosen, row["params"]
+        log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
+        test_time += fuse_time
+        test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
+        test_metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), splits.test.labels, layout)
+        oracle = accuracy_metrics(oracle_predict(test_outputs, layout, splits.test.labels), splits.test.labels, data.info)
+        test_metrics.update({"oracle_acc": oracle["acc"], "oracle_head_acc": oracle["head_acc"],
+                             "oracle_tail_acc": oracle["tail_acc"]})
+        metrics.update({k: row[k] for k in table.columns if k.startswith("val_")})
+        for _, r in table.iterrows():
+            for key in ("acc", "head_acc", "tail_acc", "routing_acc"):
+                metrics[f"val_{key}__fusion_{r['fusion']}"] = r[f"val_{key}"]
+                metrics[f"test_{key}__fusion_{r['fusion']}"] = r[f"test_{key}"]
+        run.log_table(table.drop(columns=["params"]).assign(params=[json.dumps(p) for p in table["params"]]),
+                      "eval/fusion_rules.csv")
+        run.set_tags({"ltexp.fusion": chosen})
+    metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
+    metrics["test_time_s"] = test_time
+    run.log_metrics(metrics)
+    log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor.save(tmp)
+        model_uri = run.log_model(tmp, input_example=data.test_images[:2])
+    version = None
+    if cfg.tracking.register_as:
+        tracking.flush()
+        version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
+    return ExperimentResult(run.run_id, metrics, table, model_uri, version, predictor.fusion, child_ids)

@@ -68,7 +68,7 @@ def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, para
     # Entry-point parameters as logged by mlflow run, plus what "auto" resolved to.
     assert data.params["dataset"] == "digits" and data.params["imb_factor"] == "0.01" and data.params["epochs"] == "3"
     assert data.params["lr"] == "auto" and data.params["lr.resolved"] == "0.05"
-    assert data.params["model.resolved"] == "smallcnn" and data.params["clip_norm"] == "0"
+    assert data.params["model.resolved"] == "smallcnn" and data.params["clip_norm.resolved"] == "0.0"
     assert ARTIFACTS <= _artifacts(run.info.run_id)
     # The model (MLflow 3 logged model of the run) predicts the test images as the run scored them.
     model = mlflow.pyfunc.load_model(data.tags["ltexp.model_uri"])
