@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ltexp import LtexpError, __version__
 from ltexp.config import (AUTO, DataConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig, TrackingConfig,
-                          resolve_config)
+                          TuneConfig, resolve_config)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
-            "split": SplitConfig, "tracking": TrackingConfig}
+            "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
+TRAIN_SECTIONS = ("data", "model", "optim", "method", "split", "tracking")
 # Fields whose default depends on the data set or method (config.PRESETS); "auto" on the command line.
 AUTO_FIELDS = {"model", "epochs", "batch_size", "lr", "weight_decay", "lr_step", "augment", "val_per_class",
                "clip_norm"}
@@ -55,6 +56,22 @@ HELP = {
     "lws": "split: LWS in every expert (true/false)",
     "register_as": "register the run's model under this name when the run ends (empty: don't)",
     "alias": "alias given to that registered version",
+    "n_trials": "tune: trials to finish (COMPLETE or PRUNED); rerunning continues the study up to this",
+    "study_name": "tune: Optuna study name (empty: ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>)",
+    "storage": "tune: Optuna storage, RDB URL (sqlite:///..., postgresql://...) or journal file (*.log); "
+               "empty: sqlite optuna.db beside the MLflow sqlite store",
+    "metric": "tune: validation objective, e.g. val_acc, val_tail_acc, 0.5*val_acc+0.5*val_tail_acc",
+    "search": "tune: extra dimensions, comma-separated: lr, weight_decay, expert_mode, other_size, lws, num_groups",
+    "split_min": "tune: smallest class rank a group may start at",
+    "split_max": "tune: largest class rank a group may start at (0: K-1)",
+    "max_groups": "tune: most groups when num_groups is searched",
+    "fusions": "tune: fusion rules searched, comma-separated (empty: all that apply)",
+    "clip_min": "tune: clip_norm search range, lower end (log scale; \"off\" is always a choice)",
+    "clip_max": "tune: clip_norm search range, upper end",
+    "pruner": "tune: median, hyperband or none",
+    "sampler": "tune: tpe or random (seeded with --seed)",
+    "heartbeat_s": "tune: RDB heartbeat interval; a trial silent for twice this is failed and retried",
+    "model_name": "tune: registered model name (empty: ltexp-<dataset>)",
     "experiment": "MLflow experiment name (ignored under `mlflow run`, which chooses it)",
     "run_name": "MLflow run name (empty: MLflow picks one)",
 }
@@ -133,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train and evaluate one method, logged as one MLflow run")
-    for section in SECTIONS:
-        _add_section(train, section)
-    train.add_argument("--seed", type=_typed("int", "seed", False), default=0, help="training seed (default: 0)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    tune = commands.add_parser("tune", help="Optuna study over split experts; registers and guards the champion")
+    for sub, sections in ((train, TRAIN_SECTIONS), (tune, (*TRAIN_SECTIONS, "tune"))):
+        for section in sections:
+            _add_section(sub, section)
+        sub.add_argument("--seed", type=_typed("int", "seed", False), default=0, help="training seed (default: 0)")
+        sub.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     register = commands.add_parser("register", help="register a run's model as a new version, with an alias")
@@ -154,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from ltexp.experiment import run_experiment
 
-    cfg = resolve_config(_sections(args), seed=args.seed, device=args.device)
+    sections = _sections(args)
+    cfg = resolve_config(sections, seed=args.seed, device=args.device)
     result = run_experiment(cfg, progress=not args.no_progress)
     keys = ["test_acc", "test_head_acc", "test_tail_acc", "test_many_acc", "test_medium_acc", "test_few_acc",
             "test_macro_acc", "test_ece", "test_oracle_acc", "test_oracle_head_acc", "test_oracle_tail_acc",
@@ -172,6 +192,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
     if result.registered_version is not None:
         print(f"registered {cfg.tracking.register_as} version {result.registered_version} as @{cfg.tracking.alias}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ltexp.tune import run_study
+
+    sections = _sections(args)
+    tune_cfg = TuneConfig(**{k: v for k, v in sections.pop("tune").items()})
+    sections["method"]["method"] = "split"
+    cfg = resolve_config(sections, seed=args.seed, device=args.device)
+    result = run_study(cfg, tune_cfg)
+    print(f"\nstudy {result.study_name}: {result.trials_run} trials run now; best {tune_cfg.metric} = {result.best_value:.4f}")
+    print("best params: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
+    for key in ("test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc", "test_routing_acc"):
+        if key in result.test_metrics:
+            print(f"  {key:<18} {result.test_metrics[key]:.4f}")
+    print(f"experts trained {result.experts_trained}, reused {result.experts_reused}")
+    print(f"registered version {result.version} as @candidate; {result.decision}")
+    print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
     return 0
 
 
@@ -224,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "data": cmd_data, "register": cmd_register}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:

@@ -201,6 +201,58 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
 
 
+SEARCHABLE = ("lr", "weight_decay", "expert_mode", "other_size", "lws", "num_groups")
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS_OPTUNA = ("tpe", "random")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """An Optuna study over split experts (`ltexp tune`); see ltexp/tune.py for the search space."""
+
+    n_trials: int = 20            # trials that must end COMPLETE or PRUNED; a rerun continues to it
+    study_name: str = ""          # "" = ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>
+    storage: str = ""             # "" = sqlite optuna.db beside the MLflow sqlite store (or in cwd)
+    metric: str = "val_acc"       # validation objective, e.g. val_tail_acc or 0.5*val_acc+0.5*val_tail_acc
+    search: str = ""              # extra dimensions, comma-separated, from SEARCHABLE
+    split_min: int = 1            # smallest rank a group may start at
+    split_max: int = 0            # largest; 0 = K-1
+    max_groups: int = 3           # upper bound when num_groups is searched
+    fusions: str = ""             # rules to search, comma-separated; "" = every applicable rule
+    clip_min: float = 0.5         # clip_norm search range (log scale), plus "off"
+    clip_max: float = 50.0
+    pruner: str = "median"
+    sampler: str = "tpe"
+    heartbeat_s: int = 60         # RDB storages: a trial silent this long x2 is failed and retried
+    model_name: str = ""          # registered model; "" = ltexp-<dataset>
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise LtexpError(f"--n-trials {self.n_trials} must be >= 1")
+        extra = [d for d in self.search_dims() if d not in SEARCHABLE]
+        if extra:
+            raise LtexpError(f"unknown --search dimension {extra[0]!r}: allowed are {', '.join(SEARCHABLE)}")
+        if self.split_min < 1 or (self.split_max and self.split_max < self.split_min):
+            raise LtexpError(f"--split-min {self.split_min} / --split-max {self.split_max}: need 1 <= min <= max")
+        if not 0 < self.clip_min <= self.clip_max:
+            raise LtexpError(f"--clip-min {self.clip_min} / --clip-max {self.clip_max}: need 0 < min <= max")
+        if self.max_groups < 2:
+            raise LtexpError(f"--max-groups {self.max_groups} must be >= 2")
+        unknown = [f for f in self.fusion_list() if f not in FUSIONS or f == "auto"]
+        if unknown:
+            raise LtexpError(f"unknown fusion {unknown[0]!r} in --fusions: allowed are {', '.join(FUSIONS[1:])}")
+        _choice("pruner", self.pruner, PRUNERS)
+        _choice("sampler", self.sampler, SAMPLERS_OPTUNA)
+        if self.heartbeat_s < 1:
+            raise LtexpError(f"--heartbeat-s {self.heartbeat_s} must be >= 1")
+
+    def search_dims(self) -> list[str]:
+        return [d.strip() for d in self.search.split(",") if d.strip()]
+
+    def fusion_list(self) -> list[str]:
+        return [f.strip() for f in self.fusions.split(",") if f.strip()]
+
+
 # Data-set dependent defaults, applied to every field the user left at "auto".
 # Digits: sized so the quickstart takes about a minute on 2 CPU cores.
 PRESETS: dict[str, dict[str, Any]] = {

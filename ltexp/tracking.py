@@ -17,6 +17,9 @@ from typing import Any, Iterator
 
 # Artifact download progress bars would interleave with ltexp's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow warns, for every PythonModel without type hints (its own included), that type hints would
+# enable input validation; ltexp's model accepts two input forms and validates them itself.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -74,12 +77,19 @@ def _same_value(logged: str, value: Any) -> bool:
     return logged == str(value)
 
 
+def tracking_uri() -> str:
+    """The tracking store in use (MLFLOW_TRACKING_URI, or MLflow's default sqlite:///mlflow.db)."""
+    return mlflow.get_tracking_uri()
+
+
 class Run:
     """Handle on the active MLflow run, with the logging calls the experiment needs."""
 
     def __init__(self, run: mlflow.ActiveRun):
         self.run = run
         self.run_id = run.info.run_id
+        # Status the run ends with when its block exits normally (e.g. KILLED for a pruned trial).
+        self.status = "FINISHED"
 
     def log_config(self, cfg: RunConfig) -> None:
         """All resolved config fields as params, plus `config.json`."""
@@ -110,6 +120,9 @@ class Run:
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)
 
+    def log_text(self, text: str, path: str) -> None:
+        mlflow.log_text(text, path)
+
     def log_table(self, frame, path: str) -> None:
         """A pandas DataFrame as a CSV artifact."""
         mlflow.log_text(frame.to_csv(index=False), path)
@@ -136,10 +149,7 @@ class Run:
             outputs=Schema([ColSpec("long", "label"), ColSpec("string", "class_name"), ColSpec("double", "score")]),
             params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
         )
-        with warnings.catch_warnings():
-            # MLflow suggests type hints on predict(); ours validates its two input forms itself.
-            warnings.filterwarnings("ignore", message=".*type hints.*")
-            info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
+        info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
@@ -159,16 +169,19 @@ class Run:
 @contextmanager
 def _guarded(active: mlflow.ActiveRun) -> Iterator[Run]:
     """End `active` FINISHED, or FAILED (KILLED on Ctrl-C) with the error's one line as a tag."""
+    run = Run(active)
     try:
-        yield Run(active)
+        yield run
     except BaseException as exc:
         flush()
-        mlflow.set_tag(ERROR_TAG, error_message(exc))
-        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if run.status == "FINISHED":  # a status chosen on purpose (pruned trial) is not an error
+            mlflow.set_tag(ERROR_TAG, error_message(exc))
+        mlflow.end_run(run.status if run.status != "FINISHED" else
+                       "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
         flush()
-        mlflow.end_run("FINISHED")
+        mlflow.end_run(run.status)
 
 
 @contextmanager
@@ -182,6 +195,25 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
         mlflow.set_experiment(cfg.tracking.experiment)
     with _guarded(mlflow.start_run(run_name=cfg.tracking.run_name or None)) as run:
         mlflow.set_tags(run_tags(cfg, role))
+        yield run
+
+
+@contextmanager
+def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None) -> Iterator[Run]:
+    """The study's parent run (role `tune`): the `mlflow run` one, else the run of an earlier
+    session of the same study (resumed), else a new one."""
+    run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    if run_id is None and previous_run_id:
+        try:
+            MlflowClient().get_run(previous_run_id)
+            run_id = previous_run_id
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # the study outlived its tracking store: start a new parent run
+    if run_id is None:
+        mlflow.set_experiment(cfg.tracking.experiment)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.tracking.run_name or f"tune-{study_name}"))
+    with _guarded(active) as run:
+        mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name})
         yield run
 
 
@@ -234,6 +266,43 @@ def register_model(run_id: str, name: str, alias: str = "candidate") -> int:
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def register_and_promote(run_id: str, name: str, metric: str, value: float, data_key: str) -> tuple[int, bool, str]:
+    """Register the run's model as `candidate`; make it `champion` only if it beats the champion.
+
+    The champion is beaten when it was chosen on the same data configuration (`data_key`) and
+    the same validation metric, and the new value is strictly higher; the old champion then
+    becomes `previous`. The comparison and the decision are tags on the new version.
+    """
+    client = MlflowClient()
+    version = register_model(run_id, name, "candidate")
+    tags = {"ltexp.val_metric": metric, "ltexp.val_metric_value": repr(float(value)), "ltexp.data_config": data_key}
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    if champion is None:
+        promote, decision = True, f"promoted: no champion yet ({metric} = {value:.6g})"
+    elif champion.tags.get("ltexp.data_config") != data_key or champion.tags.get("ltexp.val_metric") != metric:
+        promote, decision = False, (f"kept champion v{champion.version}: it was chosen on "
+                                    f"{champion.tags.get('ltexp.data_config')} / {champion.tags.get('ltexp.val_metric')}, "
+                                    f"not comparable with {data_key} / {metric}")
+    else:
+        old = float(champion.tags["ltexp.val_metric_value"])
+        promote = value > old
+        decision = (f"promoted: {metric} {value:.6g} > champion v{champion.version} {old:.6g}" if promote else
+                    f"kept champion v{champion.version}: {metric} {value:.6g} <= {old:.6g}")
+    if champion is not None:
+        tags["ltexp.compared_to_version"] = str(champion.version)
+    tags["ltexp.promotion"] = decision
+    for key, val in tags.items():
+        client.set_model_version_tag(name, str(version), key, val)
+    if promote:
+        if champion is not None:
+            client.set_registered_model_alias(name, "previous", champion.version)
+        client.set_registered_model_alias(name, "champion", str(version))
+    return version, promote, decision
 
 
 def get_run(run_id: str):
