@@ -93,18 +93,20 @@ class Run:
 
     def log_config(self, cfg: RunConfig) -> None:
         """All resolved config fields as params, plus `config.json`."""
-        existing = MlflowClient().get_run(self.run_id).data.params
-        params = {}
-        for key, value in flatten(cfg).items():
-            if key in existing and not _same_value(existing[key], value):
-                params[key + RESOLVED_SUFFIX] = value
-            elif key not in existing:
-                params[key] = value
-        mlflow.log_params(params)
+        self.log_params(flatten(cfg))
         mlflow.log_dict(to_dict(cfg), "config.json")
 
     def log_params(self, params: dict[str, Any]) -> None:
-        mlflow.log_params(params)
+        """Log params; one already on the run (e.g. logged by `mlflow run`) is kept, and a
+        different value for it is logged beside it as `<name>.resolved` (params are immutable)."""
+        existing = MlflowClient().get_run(self.run_id).data.params
+        out = {}
+        for key, value in params.items():
+            if key not in existing:
+                out[key] = value
+            elif not _same_value(existing[key], value):
+                out[key + RESOLVED_SUFFIX] = value
+        mlflow.log_params(out)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         mlflow.set_tags(tags)
@@ -202,7 +204,8 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
 def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None) -> Iterator[Run]:
     """The study's parent run (role `tune`): the `mlflow run` one, else the run of an earlier
     session of the same study (resumed), else a new one."""
-    run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    # Taken out of the environment as mlflow.start_run() does, so nested trial runs are new runs.
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
     if run_id is None and previous_run_id:
         try:
             MlflowClient().get_run(previous_run_id)

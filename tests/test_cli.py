@@ -235,11 +235,14 @@ def test_mlproject_parameters_are_the_cli_flags():
     from ltexp.cli import build_parser
 
     project = yaml.safe_load((REPO / "MLproject").read_text())
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
-    flags = {opt for action in train._actions for opt in action.option_strings}
+    commands = build_parser()._subparsers._group_actions[0].choices
     for name, entry in project["entry_points"].items():
+        command = "tune" if name == "tune" else "train"
+        assert f"python -m ltexp {command}" in entry["command"]
+        flags = {opt for action in commands[command]._actions for opt in action.option_strings}
         for param in entry["parameters"]:
             flag = "--" + param.replace("_", "-")
-            assert flag in flags, f"{name}: {param} is not an ltexp train flag"
+            assert flag in flags, f"{name}: {param} is not an ltexp {command} flag"
             assert f"{flag} {{{param}}}" in entry["command"], f"{name}: {param} not passed on"
-        assert f"--method {name}" in entry["command"]
+        if command == "train":
+            assert f"--method {name}" in entry["command"]

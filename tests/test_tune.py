@@ -1,0 +1,174 @@
+"""Optuna tuning end to end on digits: nested runs, plots, registry promotion, resume, pruning, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ltexp import LtexpError
+from ltexp.config import TuneConfig, resolve_config
+from ltexp.tune import parse_objective, run_study
+
+FAST = {"optim": {"epochs": 3}, "method": {"lws_epochs": 1}}
+
+
+def _cfg(**optim):
+    return resolve_config({"optim": {**FAST["optim"], **optim}, "method": {**FAST["method"], "method": "split"}})
+
+
+def _runs(role):
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`ltexp.role` = '{role}'")
+
+
+def test_objective_parsing():
+    assert parse_objective("val_acc") == [(1.0, "acc")]
+    assert parse_objective("0.5*val_acc+0.5*val_tail_acc") == [(0.5, "acc"), (0.5, "tail_acc")]
+    assert parse_objective("val_acc-0.2*val_ece") == [(1.0, "acc"), (-0.2, "ece")]
+    with pytest.raises(LtexpError, match="each term must be"):
+        parse_objective("test_acc")
+
+
+def test_study_end_to_end_with_guarded_promotion(mlflow_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = run_study(_cfg(), TuneConfig(n_trials=3, storage=storage, study_name="good", pruner="none"))
+    (parent,) = _runs("tune")
+    trials = _runs("trial")
+    assert len(trials) == 3
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    assert sorted(t.data.tags["ltexp.trial_number"] for t in trials) == ["0", "1", "2"]
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and trial.data.tags["ltexp.trial_state"] == "COMPLETE"
+        assert {"split_at", "clip", "fusion"} <= set(trial.data.params)
+        curve = MlflowClient().get_metric_history(trial.info.run_id, "val_acc__expert_head")
+        assert [m.step for m in curve][:3] == [1, 2, 3]  # the per-epoch validation curve
+        assert "objective" in trial.data.metrics and trial.data.metrics["overhead_s"] >= 0
+    best = max(trials, key=lambda t: t.data.metrics["objective"])
+    assert parent.data.metrics["best_value"] == pytest.approx(best.data.metrics["objective"], abs=1e-6)
+    assert parent.data.params["best.trial_number"] == best.data.tags["ltexp.trial_number"]
+    # The test set was used once, for the best trial only: no trial run holds a test metric.
+    assert not any(k.startswith("test_") for t in trials for k in t.data.metrics)
+    assert {"test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc"} <= set(parent.data.metrics)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.html", "optuna/optimization_history.png", "optuna/slice.html",
+            "optuna/slice.png"} <= artifacts
+    assert first.version == 1 and first.promoted
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("ltexp-digits", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("ltexp-digits", "candidate").version) == 1
+
+    # A deliberately worse study (1 epoch at a tiny learning rate) must not take the champion.
+    worse = run_study(_cfg(epochs=1, lr=1e-4), TuneConfig(n_trials=3, storage=storage, study_name="worse",
+                                                           pruner="none"))
+    assert worse.version == 2 and not worse.promoted and worse.best_value < first.best_value
+    assert int(client.get_model_version_by_alias("ltexp-digits", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("ltexp-digits", "candidate").version) == 2
+    v2 = client.get_model_version("ltexp-digits", "2")
+    assert v2.tags["ltexp.promotion"].startswith("kept champion v1: val_acc")
+    assert v2.tags["ltexp.compared_to_version"] == "1"
+
+
+def test_interrupted_study_resumes_its_trial_count(subprocess_env, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "ltexp", "tune", "--n-trials", "4", "--epochs", "6", "--lws-epochs", "1",
+           "--storage", storage, "--study-name", "resume", "--heartbeat-s", "1", "--pruner", "none"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    study = None
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name="resume", storage=storage)
+        except KeyError:
+            continue
+        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) >= 2:
+            break
+    os.kill(proc.pid, signal.SIGKILL)  # a worker that dies without a word
+    proc.wait()
+    states = [t.state for t in study.get_trials()]
+    finished_before = {t.number: t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(finished_before) >= 2 and len(finished_before) < 4
+    time.sleep(3)  # past the grace period (2 x heartbeat): the running trial is stale
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4  # continued to 4, the finished ones were not run again
+    assert {t.number: t.params for t in complete if t.number in finished_before} == finished_before
+    if optuna.trial.TrialState.RUNNING in states:
+        # The trial the dead worker held was failed by its heartbeat and retried with its params.
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        assert len(failed) == 1
+        assert any(t.system_attrs.get("failed_trial") == failed[0].number for t in complete)
+    # One parent MLflow run for the whole study, resumed by the second session.
+    mlflow.set_tracking_uri(subprocess_env["MLFLOW_TRACKING_URI"])
+    assert len(_runs("tune")) == 1
+
+
+def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
+    good = {"split_at": 5, "clip": "off", "fusion": "concat", "lr": 0.05}
+    study.enqueue_trial(good)
+    study.enqueue_trial({**good, "split_at": 4})
+    study.enqueue_trial({**good, "lr": 0.001})  # too small to learn anything in 5 epochs
+    result = run_study(_cfg(epochs=5), TuneConfig(n_trials=3, storage=storage, study_name="prune", search="lr",
+                                                   pruner="median"))
+    trials = optuna.load_study(study_name="prune", storage=storage).get_trials()
+    assert [t.state.name for t in trials[:3]] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = next(t for t in _runs("trial") if t.data.tags["ltexp.trial_number"] == "2")
+    assert pruned.data.tags["ltexp.trial_state"] == "PRUNED" and pruned.info.status == "KILLED"
+    assert result.trials_run >= 3
+
+
+def test_fusion_choices_never_retrain_experts(mlflow_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="cache", storage=storage, direction="maximize")
+    for fusion in ("concat", "absnorm", "softmax"):
+        study.enqueue_trial({"split_at": 5, "clip": "off", "fusion": fusion})
+    result = run_study(_cfg(), TuneConfig(n_trials=3, storage=storage, study_name="cache", pruner="none"))
+    assert result.experts_trained == 2 and result.experts_reused == 2 * 2 + 2  # 2 later trials + the final model
+
+
+@pytest.mark.parametrize("tune,match", [
+    (dict(n_trials=0), "--n-trials 0 must be >= 1"),
+    (dict(split_max=10), r"--split-max 10 is outside 1..9"),
+    (dict(split_min=9, split_max=9, search="num_groups"), "cannot hold 2 distinct split points"),
+    (dict(search="momentum"), "unknown --search dimension 'momentum'"),
+    (dict(fusions="other"), "leaves no rule"),
+    (dict(storage="postgresql://ltexp:secret@127.0.0.1:1/optuna"), r"cannot open Optuna storage postgresql://ltexp:\*\*\*@127.0.0.1:1/optuna"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(mlflow_store, tmp_path, tune, match):
+    with pytest.raises(LtexpError, match=match):
+        run_study(_cfg(), TuneConfig(**{"storage": f"sqlite:///{tmp_path / 'optuna.db'}", **tune}))
+    assert _runs("tune") == [] and not (tmp_path / "optuna.db").exists()
+
+
+def test_existing_study_with_other_direction_or_space_is_refused(mlflow_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="minimise", storage=storage, direction="minimize")
+    with pytest.raises(LtexpError, match="exists with direction minimize"):
+        run_study(_cfg(), TuneConfig(n_trials=1, storage=storage, study_name="minimise"))
+    run_study(_cfg(), TuneConfig(n_trials=1, storage=storage, study_name="space", fusions="concat", pruner="none"))
+    with pytest.raises(LtexpError, match="exists with another search space"):
+        run_study(_cfg(), TuneConfig(n_trials=2, storage=storage, study_name="space", fusions="softmax"))
+
+
+def test_mlflow_run_tune_entry_point(subprocess_env, tmp_path):
+    from conftest import REPO
+
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
+                           "-P", "epochs=2", "-P", "lws_epochs=1", "-P", f"storage=sqlite:///{tmp_path / 'o.db'}"],
+                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(subprocess_env["MLFLOW_TRACKING_URI"])
+    (parent,) = _runs("tune")
+    assert parent.data.tags["mlflow.project.entryPoint"] == "tune" and parent.info.status == "FINISHED"
+    assert len(_runs("trial")) == 2 and "test_acc" in parent.data.metrics
+    assert MlflowClient().get_model_version_by_alias("ltexp-digits", "champion") is not None
