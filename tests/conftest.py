@@ -59,11 +59,16 @@ def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite tracking store; the test runs in tmp_path."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; an id from another test's store must
+    # not leak into this one (or into the subprocesses it starts).
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     import mlflow
+    from mlflow.tracking import fluent
 
     mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
@@ -75,5 +80,6 @@ def subprocess_env(mlflow_store):
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = mlflow_store
     env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     return env

@@ -31,7 +31,8 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     train = subprocess.run([sys.executable, "-m", "ltexp", "train", "--method", "split", "--epochs", "3",
                             "--lws-epochs", "1", "--no-progress", "--register-as", "ltexp-digits"],
                            cwd=tmp, env=env, capture_output=True, text=True, timeout=600)

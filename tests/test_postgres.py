@@ -1,0 +1,100 @@
+"""A shared PostgreSQL for the MLflow tracking store and the Optuna study, with two workers at once.
+
+The fixture starts a throw-away PostgreSQL cluster on a loopback port (initdb + pg_ctl from the
+Debian packages `.ci/run` installs), or uses LTEXP_TEST_POSTGRES_URL when it is set.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from glob import glob
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if os.environ.get("LTEXP_TEST_POSTGRES_URL"):
+        yield os.environ["LTEXP_TEST_POSTGRES_URL"]
+        return
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql; .ci/run does)")
+    data = Path(tempfile.mkdtemp(prefix="ltexp-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: use the packages' postgres user
+        shutil.chown(data, "postgres")
+        data.chmod(0o700)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
+                    "-o", f"-p {port} -h 127.0.0.1 -k {data}", "start"], check=True, capture_output=True)
+    try:
+        for db in ("mlflow", "optuna"):
+            subprocess.run([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
+                           check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_and_one_tracking_store(postgres_url, tmp_path):
+    base = postgres_url.rstrip("/")
+    if base.count("/") > 2:  # a URL with a database: use it for both stores
+        tracking_uri = storage = base
+    else:
+        tracking_uri, storage = f"{base}/mlflow", f"{base}/optuna"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "ltexp", "tune", "--n-trials", "4", "--epochs", "3", "--lws-epochs", "1",
+           "--storage", storage, "--study-name", "shared", "--pruner", "none"]
+    # The first worker creates the study and its parent run; then two more join at once.
+    first = subprocess.run([*cmd[:5], "1", *cmd[6:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    # MaxTrialsCallback stops each worker once 4 trials are done; two workers finishing together
+    # may each complete the trial they hold (at most one extra).
+    assert 4 <= len(done) <= 5
+    assert len({t.number for t in trials}) == len(trials)
+    mlflow.set_tracking_uri(tracking_uri)
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`ltexp.role` = 'tune'")
+    assert len(parents) == 1  # every worker logged into the study's one parent run
+    trial_runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string="tags.`ltexp.role` = 'trial'")
+    assert len(trial_runs) == len(trials)
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parents[0].info.run_id}
+    versions = mlflow.MlflowClient().search_model_versions("name = 'ltexp-digits'")
+    assert len(versions) == 3  # each session registers its best as a candidate
+    assert mlflow.MlflowClient().get_model_version_by_alias("ltexp-digits", "champion") is not None
