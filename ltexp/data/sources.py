@@ -1,0 +1,202 @@
+"""Image sources: every source returns the same `ImageSource` of uint8 NHWC arrays.
+
+- `digits`: scikit-learn's 1,797 real 8x8 handwritten digits, the embedded default.
+- `cifar10` / `cifar100`: the official python archives (torchvision's layout), downloaded with
+  torchvision's utilities when absent and online.
+- `folder:<path>`: `<path>/train/<class>/*.png|jpg` and `<path>/test/<class>/*`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ltexp import LtexpError
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Raw images before any long-tail subsampling.
+
+    Images are uint8 arrays of shape (N, H, W, C); labels int64 in [0, K). `balanced` says the
+    training pool has the same number of images in every class (CIFAR, the digits pool), which
+    is what the long-tail formula assumes; a folder keeps whatever counts it has.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    balanced: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# Digits: a balanced test set and a balanced training pool are carved from the 1,797 images
+# (every class has at least 174). The rest (~1 per cent) is left unused so both stay balanced.
+DIGITS_TEST_PER_CLASS = 50
+DIGITS_POOL_PER_CLASS = 120
+
+
+def load_digits_source(seed: int = 0) -> ImageSource:
+    """scikit-learn's digits as 8x8x1 uint8 images: 50 test and 120 pool images per class.
+
+    Pixel values 0..16 are scaled to 0..255. The carve uses its own fixed seed (`seed`, default
+    0), independent of the experiment seed, so the test set is the same for every run.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_idx.append(idx[:DIGITS_TEST_PER_CLASS])
+        train_idx.append(idx[DIGITS_TEST_PER_CLASS:DIGITS_TEST_PER_CLASS + DIGITS_POOL_PER_CLASS])
+    train_idx, test_idx = np.concatenate(train_idx), np.concatenate(test_idx)
+    return ImageSource("digits", images[train_idx], labels[train_idx], images[test_idx],
+                       labels[test_idx], tuple(str(c) for c in range(10)), balanced=True)
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where torchvision puts one CIFAR archive and what is inside (the official python version)."""
+
+    folder: str
+    url: str
+    archive: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+    names_key: str
+    labels_key: str
+
+
+CIFAR = {
+    "cifar10": CifarLayout(
+        "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+        tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta",
+        "label_names", "labels"),
+    "cifar100": CifarLayout(
+        "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        ("train",), "test", "meta", "fine_label_names", "fine_labels"),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        return pickle.load(fh, encoding="latin1")
+
+
+def _read_cifar_batches(folder: Path, files: tuple[str, ...], labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for name in files:
+        entry = _unpickle(folder / name)
+        # Rows are 3072 bytes: 1024 red, 1024 green, 1024 blue, each row-major 32x32.
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(entry[labels_key], dtype=np.int64))
+    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
+
+
+def load_cifar_source(name: str, data_dir: str | Path, download: bool = True) -> ImageSource:
+    """CIFAR-10/100 from `data_dir/<torchvision folder>`, downloading the archive when absent.
+
+    The download uses torchvision's `download_and_extract_archive` (with the official MD5).
+    When the archive is missing and cannot be fetched, raises one `LtexpError` saying where to
+    put it.
+    """
+    layout = CIFAR[name]
+    root = Path(data_dir).expanduser()
+    folder = root / layout.folder
+    needed = [*layout.train_files, layout.test_file, layout.meta_file]
+    if not all((folder / f).is_file() for f in needed):
+        if not download:
+            raise LtexpError(_missing_cifar_message(name, layout, folder, "downloads are off (--no-download)"))
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(layout.url, str(root), filename=layout.archive, md5=layout.md5)
+        except Exception as exc:  # offline, proxy, disk: all end in the same advice
+            reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise LtexpError(_missing_cifar_message(name, layout, folder, reason)) from None
+    try:
+        train_images, train_labels = _read_cifar_batches(folder, layout.train_files, layout.labels_key)
+        test_images, test_labels = _read_cifar_batches(folder, (layout.test_file,), layout.labels_key)
+        class_names = tuple(_unpickle(folder / layout.meta_file)[layout.names_key])
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise LtexpError(f"unreadable {name} archive in {folder}: {type(exc).__name__}: {exc}") from None
+    counts = np.bincount(train_labels, minlength=len(class_names))
+    return ImageSource(name, train_images, train_labels, test_images, test_labels, class_names,
+                       balanced=bool((counts == counts[0]).all()))
+
+
+def _missing_cifar_message(name: str, layout: CifarLayout, folder: Path, reason: str) -> str:
+    return (f"{name} not found in {folder} and {reason}: download {layout.url} and extract it into "
+            f"{folder.parent} (giving {layout.folder}/), or pass --data-dir where it already is")
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _read_folder_split(split_dir: Path, image_size: int, class_names: tuple[str, ...] | None):
+    from PIL import Image, UnidentifiedImageError
+
+    if not split_dir.is_dir():
+        raise LtexpError(f"folder data set needs {split_dir} with one sub-folder per class")
+    names = tuple(sorted(d.name for d in split_dir.iterdir() if d.is_dir()))
+    if not names:
+        raise LtexpError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/*.png|jpg")
+    if class_names is not None:
+        extra = sorted(set(names) - set(class_names))
+        if extra:
+            raise LtexpError(f"{split_dir} has classes missing from train/: {', '.join(extra)}")
+    class_names = class_names or names
+    images, labels = [], []
+    for label, cname in enumerate(class_names):
+        cdir = split_dir / cname
+        files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if cdir.is_dir() else []
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise LtexpError(f"unreadable image {path}: {type(exc).__name__}") from None
+            labels.append(label)
+    if not images:
+        raise LtexpError(f"{split_dir} holds no images (allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names
+
+
+def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
+    """A user's images, `train/<class>/*` and `test/<class>/*`, resized to `image_size` squared RGB."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise LtexpError(f"folder data set {root} does not exist")
+    train_images, train_labels, names = _read_folder_split(root / "train", image_size, None)
+    test_images, test_labels, _ = _read_folder_split(root / "test", image_size, names)
+    return ImageSource(f"folder:{root}", train_images, train_labels, test_images, test_labels, names,
+                       balanced=False)
+
+
+def load_source(dataset: str, data_dir: str = "data", image_size: int = 32, download: bool = True) -> ImageSource:
+    """Dispatch on the data set name (`digits`, `cifar10`, `cifar100`, `folder:<path>`)."""
+    if dataset == "digits":
+        return load_digits_source()
+    if dataset in CIFAR:
+        return load_cifar_source(dataset, data_dir, download)
+    if dataset.startswith("folder:"):
+        return load_folder_source(dataset[len("folder:"):], image_size)
+    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100 or folder:<path>")
