@@ -333,17 +333,3 @@ def flatten(cfg: Any) -> dict[str, Any]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The nested config as plain dicts (for the logged `config.json`)."""
     return dataclasses.asdict(cfg)
-
-
-def from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a `RunConfig` from `to_dict` output (e.g. a logged config.json)."""
-    return RunConfig(
-        data=DataConfig(**values["data"]),
-        model=ModelConfig(**values["model"]),
-        optim=OptimConfig(**values["optim"]),
-        method=MethodConfig(**values["method"]),
-        split=SplitConfig(**values.get("split", {})),
-        tracking=TrackingConfig(**values["tracking"]),
-        seed=values["seed"],
-        device=values["device"],
-    )

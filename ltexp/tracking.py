@@ -306,22 +306,3 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
             client.set_registered_model_alias(name, "previous", champion.version)
         client.set_registered_model_alias(name, "champion", str(version))
     return version, promote, decision
-
-
-def get_run(run_id: str):
-    """The MLflow `Run` entity (params, metrics, tags) for tests and reports."""
-    return MlflowClient().get_run(run_id)
-
-
-def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
-    """Artifact paths of a run, recursively."""
-    client = MlflowClient()
-    out: list[str] = []
-    for item in client.list_artifacts(run_id, path):
-        out.extend(list_artifacts(run_id, item.path) if item.is_dir else [item.path])
-    return out
-
-
-def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one metric."""
-    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
