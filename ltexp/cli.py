@@ -13,75 +13,22 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ltexp import LtexpError, __version__
-from ltexp.config import (AUTO, DataConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig, TrackingConfig,
-                          TuneConfig, resolve_config)
+from ltexp.config import (AUTO, DataConfig, LossConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig,
+                          TrackingConfig, TuneConfig, resolve_config)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
-            "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
-TRAIN_SECTIONS = ("data", "model", "optim", "method", "split", "tracking")
-# Fields whose default depends on the data set or method (config.PRESETS); "auto" on the command line.
-AUTO_FIELDS = {"model", "epochs", "batch_size", "lr", "weight_decay", "lr_step", "augment", "val_per_class",
-               "clip_norm"}
-
-HELP = {
-    "dataset": "digits (embedded default), cifar10, cifar100 or folder:<path>",
-    "data_dir": "folder holding (or receiving) the CIFAR archives",
-    "imb_type": "long-tail profile: exp or step",
-    "imb_factor": "smallest / largest class count, in (0, 1]; 1 keeps the counts",
-    "val_source": "holdout (balanced, from unused training images) or paper (9:1 split of the test set)",
-    "val_per_class": "holdout validation images per class (auto: digits 20, CIFAR-10 100, CIFAR-100 20)",
-    "image_size": "side in pixels that folder images are resized to",
-    "augment": "crop_flip, crop or none (auto: crop_flip for 32 px, crop for digits)",
-    "download": "download missing CIFAR archives (true/false)",
-    "data_seed": "seed of the long-tail subsample and validation carve",
-    "model": "smallcnn, resnet18 (the paper) or resnet32 (auto: by image size)",
-    "epochs": "epochs of the main stage (auto: CIFAR 200, digits 100)",
-    "batch_size": "images per step (auto: CIFAR 128, digits 64)",
-    "lr": "initial SGD learning rate (auto: CIFAR 0.1, digits 0.05)",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 weight decay (auto: CIFAR 2e-4)",
-    "lr_step": "epochs between learning-rate decays (auto: CIFAR 150)",
-    "lr_gamma": "learning-rate decay factor",
-    "clip_norm": "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as the paper; else 0)",
-    "method": "baseline, resample, lws or split (class-group experts)",
-    "sampling": "resample: over (the paper's ROS), under or balanced",
-    "lws_mode": "lws: joint (the paper) or decoupled (Kang et al. 2019)",
-    "lws_epochs": "lws decoupled: epochs of scale-only training",
-    "lws_lr": "lws decoupled: learning rate of the scales",
-    "num_groups": "split: number of class groups / experts (2 = head, tail)",
-    "split_at": "split: class ranks where groups 2.. start, e.g. 5 or 3,6 (empty: equal numbers of classes)",
-    "expert_mode": "split: own (each expert sees only its classes) or other (plus an \"other\" label)",
-    "other_size": "split, expert_mode other: \"other\" images per epoch = mean, min or max own-class count",
-    "fusion": "split: auto (best on validation), concat, absnorm, softmax, calibrated, other or calibrated_other",
-    "lws": "split: LWS in every expert (true/false)",
-    "register_as": "register the run's model under this name when the run ends (empty: don't)",
-    "alias": "alias given to that registered version",
-    "n_trials": "tune: trials to finish (COMPLETE or PRUNED); rerunning continues the study up to this",
-    "study_name": "tune: Optuna study name (empty: ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>)",
-    "storage": "tune: Optuna storage, RDB URL (sqlite:///..., postgresql://...) or journal file (*.log); "
-               "empty: sqlite optuna.db beside the MLflow sqlite store",
-    "metric": "tune: validation objective, e.g. val_acc, val_tail_acc, 0.5*val_acc+0.5*val_tail_acc",
-    "search": "tune: extra dimensions, comma-separated: lr, weight_decay, expert_mode, other_size, lws, num_groups",
-    "split_min": "tune: smallest class rank a group may start at",
-    "split_max": "tune: largest class rank a group may start at (0: K-1)",
-    "max_groups": "tune: most groups when num_groups is searched",
-    "fusions": "tune: fusion rules searched, comma-separated (empty: all that apply)",
-    "clip_min": "tune: clip_norm search range, lower end (log scale; \"off\" is always a choice)",
-    "clip_max": "tune: clip_norm search range, upper end",
-    "pruner": "tune: median, hyperband or none",
-    "sampler": "tune: tpe or random (seeded with --seed)",
-    "heartbeat_s": "tune: RDB heartbeat interval; a trial silent for twice this is failed and retried",
-    "model_name": "tune: registered model name (empty: ltexp-<dataset>)",
-    "experiment": "MLflow experiment name (ignored under `mlflow run`, which chooses it)",
-    "run_name": "MLflow run name (empty: MLflow picks one)",
-}
+            "loss": LossConfig, "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
+TRAIN_SECTIONS = ("data", "model", "optim", "method", "loss", "split", "tracking")
+# What `ltexp tune` does not offer: it always trains split experts and searches these itself
+# (clip_norm, split_at, fusion), registers under --model-name, and never re-samples or runs cRT.
+NOT_TUNED = {"method", "sampling", "crt_epochs", "crt_lr", "clip_norm", "split_at", "fusion", "register_as", "alias"}
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (and fail the `mlflow run` run, if any)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        _fail(f"{self.prog}: {message}")
+        _fail(message)
 
 
 def _fail(message: str, code: int = 2):
@@ -123,16 +70,22 @@ def _typed(kind: str, name: str, auto: bool):
     return parse
 
 
-def _add_section(parser: argparse.ArgumentParser, section: str, only: set[str] | None = None) -> None:
+def _add_section(parser: argparse.ArgumentParser, section: str, skip: set[str] = frozenset()) -> None:
+    """One flag per config field, help text and choices from the field's `setting(...)`.
+
+    Each flag also answers to its underscore spelling (`--imb_factor`), which is how `mlflow run`
+    passes parameters an entry point does not declare, so the MLproject stays thin.
+    """
     group = parser.add_argument_group(section)
     for f in fields(SECTIONS[section]):
-        if only is not None and f.name not in only:
+        if f.name in skip:
             continue
-        auto = f.name in AUTO_FIELDS
+        auto = bool(f.metadata.get("auto"))
         default = AUTO if auto else (f.default if f.default is not MISSING else None)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"{section}.{f.name}", default=default,
-                           type=_typed(str(f.type), f.name, auto), metavar=str(f.type).upper(),
-                           help=f"{HELP.get(f.name, '')} (default: {default})")
+        names = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        kind = str(f.type)
+        group.add_argument(*names, dest=f"{section}.{f.name}", default=default, type=_typed(kind, f.name, auto),
+                           metavar=kind.upper(), help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def _sections(args: argparse.Namespace) -> dict[str, dict]:
@@ -151,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train and evaluate one method, logged as one MLflow run")
     tune = commands.add_parser("tune", help="Optuna study over split experts; registers and guards the champion")
-    for sub, sections in ((train, TRAIN_SECTIONS), (tune, (*TRAIN_SECTIONS, "tune"))):
+    for sub, sections, skip in ((train, TRAIN_SECTIONS, frozenset()), (tune, (*TRAIN_SECTIONS, "tune"), NOT_TUNED)):
         for section in sections:
-            _add_section(sub, section)
+            _add_section(sub, section, skip)
         sub.add_argument("--seed", type=_typed("int", "seed", False), default=0, help="training seed (default: 0)")
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress output (default: bars on a terminal, a line per epoch or 5 s elsewhere)")
 
     register = commands.add_parser("register", help="register a run's model as a new version, with an alias")
     register.add_argument("--run-id", required=True, help="the MLflow run whose model is registered")
@@ -184,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\n{cfg.method.method} on {cfg.data.dataset} ({cfg.data.imb_type}, {cfg.data.imb_factor}), seed {cfg.seed}")
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    if result.fusion_table is not None:
+    if "test_oracle_acc" in result.metrics:  # several experts: every fusion rule beside the oracle
         cols = ["fusion", "val_acc", "test_acc", "test_head_acc", "test_tail_acc", "test_routing_acc"]
         print("\nfusion rules (chosen on validation: {}; oracle test_acc {:.4f} uses true groups):".format(
             result.fusion, result.metrics["test_oracle_acc"]))

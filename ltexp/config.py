@@ -1,9 +1,10 @@
 """Configuration: one frozen dataclass per concern, validated on construction.
 
 The field names are the contract: CLI flag `--imb-factor` = MLproject parameter `imb_factor` =
-MLflow param `imb_factor` (see `flatten`). Data-set dependent defaults (epochs, learning
-rate, model, ...) are written as "auto" on the command line and resolved by `resolve_config`
-before anything is logged, so a run's params always hold the values actually used.
+MLflow param `imb_factor` (see `flatten`). Each field is declared with `setting(...)`: its help
+text, its choices (taken from the module that implements them, never repeated here), whether
+"auto" is allowed (a data-set or method dependent default, resolved by `resolve_config` before
+anything is logged) and when it applies (a run logs only the settings its method uses).
 """
 
 from __future__ import annotations
@@ -11,47 +12,81 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from ltexp import LtexpError
+from ltexp.data.device import AUGMENTS
+from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
+from ltexp.data.sources import DATASETS
+from ltexp.engine import DEVICES
+from ltexp.fusion import FUSIONS as FUSION_RULES
+from ltexp.losses import LOSS_OPTIONS, LOSSES
+from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS
+from ltexp.models import BODIES
 
-DATASETS = ("digits", "cifar10", "cifar100")  # plus "folder:<path>"
-IMB_TYPES = ("exp", "step")
-VAL_SOURCES = ("holdout", "paper")
-MODELS = ("auto", "smallcnn", "resnet18", "resnet32")
-AUGMENTS = ("auto", "crop_flip", "crop", "none")
-SAMPLINGS = ("over", "under", "balanced")
-EXPERT_MODES = ("own", "other")
-OTHER_SIZES = ("mean", "min", "max")
-FUSIONS = ("auto", "concat", "absnorm", "softmax", "calibrated", "other", "calibrated_other")
-LWS_MODES = ("joint", "decoupled")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+AUTO = "auto"
+MODELS = (AUTO, *BODIES)
+FUSIONS = (AUTO, *FUSION_RULES)
 
 
-def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, auto: bool = False,
+            when: Callable[["RunConfig"], bool] | None = None):
+    """A config field with its help text, allowed choices, "auto" support and applicability.
+
+    `when(cfg)` says whether the field changes what a resolved `cfg` runs; fields for which it
+    is false are not logged (e.g. `sampling` on a baseline run). None = always applies.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto, "when": when})
+
+
+def _choice(flag: str, value: str, allowed) -> None:
     if value not in allowed:
         raise LtexpError(f"unknown --{flag} {value!r}: allowed are {', '.join(allowed)}")
+
+
+def _check_choices(section) -> None:
+    for f in fields(section):
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            _choice(f.name.replace("_", "-"), getattr(section, f.name), choices)
+
+
+def _is_cifar(cfg: "RunConfig") -> bool:
+    return cfg.data.family == "cifar"
+
+
+def _uses_lws(cfg: "RunConfig") -> bool:
+    return cfg.method.method == "lws" or (cfg.method.method == "split" and cfg.split.lws)
+
+
+def _is_split(cfg: "RunConfig") -> bool:
+    return cfg.method.method == "split"
+
+
+def _loss_option(name: str):
+    return lambda cfg: name in LOSS_OPTIONS[cfg.loss.loss]
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images, how they are made long-tailed, and how validation is carved out."""
 
-    dataset: str = "digits"
-    data_dir: str = "data"
-    imb_type: str = "exp"
-    imb_factor: float = 0.01
-    val_source: str = "holdout"
-    # Balanced validation images per class for val_source=holdout; 0 = the data set's default.
-    val_per_class: int = 0
-    # Side length in pixels that folder images are resized to (CIFAR is 32, digits 8).
-    image_size: int = 32
-    augment: str = "auto"
-    # Download CIFAR archives with torchvision's utilities when they are missing.
-    download: bool = True
-    # Seed of the long-tail subsample and the validation carve; fixed by default (as LDAM-DRW)
-    # so runs with different --seed train on the same images.
-    data_seed: int = 0
+    dataset: str = setting("digits", "digits (embedded default), cifar10, cifar100 or folder:<path>")
+    data_dir: str = setting("data", "folder holding (or receiving) the CIFAR archives", when=_is_cifar)
+    imb_type: str = setting("exp", "long-tail profile: exp or step", choices=IMB_TYPES)
+    imb_factor: float = setting(0.01, "smallest / largest class count, in (0, 1]; 1 keeps the counts")
+    val_source: str = setting("holdout", "holdout (balanced, from unused training images) or paper "
+                                         "(9:1 split of the test set)", choices=VAL_SOURCES)
+    val_per_class: int = setting(0, "holdout validation images per class (auto: digits 20, CIFAR-10 100, "
+                                    "CIFAR-100 20, folders 10)", auto=True,
+                                 when=lambda cfg: cfg.data.val_source == "holdout")
+    image_size: int = setting(32, "side in pixels that folder images are resized to",
+                              when=lambda cfg: cfg.data.family == "folder")
+    augment: str = setting(AUTO, "crop_flip, crop or none (auto: crop_flip for 32 px, crop for digits)",
+                           choices=(AUTO, *AUGMENTS), auto=True)
+    download: bool = setting(True, "download missing CIFAR archives (true/false)", when=_is_cifar)
+    data_seed: int = setting(0, "seed of the long-tail subsample and validation carve (fixed by default, so "
+                                "every --seed trains on the same images)")
 
     def __post_init__(self) -> None:
         if not (self.dataset in DATASETS or self.dataset.startswith("folder:")):
@@ -60,15 +95,13 @@ class DataConfig:
             )
         if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
             raise LtexpError("--dataset folder: needs a path, e.g. folder:/data/my_images")
-        _choice("imb-type", self.imb_type, IMB_TYPES)
+        _check_choices(self)
         if not (isinstance(self.imb_factor, (int, float)) and 0 < self.imb_factor <= 1):
             raise LtexpError(f"--imb-factor {self.imb_factor!r} is outside (0, 1]: use e.g. 0.1 or 0.01 (1 = keep counts)")
-        _choice("val-source", self.val_source, VAL_SOURCES)
         if self.val_per_class < 0:
             raise LtexpError(f"--val-per-class {self.val_per_class} must be >= 0 (0 = data set default)")
         if self.image_size < 4:
             raise LtexpError(f"--image-size {self.image_size} must be >= 4 pixels")
-        _choice("augment", self.augment, AUGMENTS)
 
     @property
     def family(self) -> str:
@@ -82,24 +115,26 @@ class DataConfig:
 class ModelConfig:
     """The network: `auto` picks ResNet-18 for 32-px images (the paper) and a small CNN for 8x8."""
 
-    model: str = "auto"
+    model: str = setting(AUTO, "smallcnn, resnet18 (the paper) or resnet32 (auto: by image size)",
+                         choices=MODELS, auto=True)
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, MODELS)
+        _check_choices(self)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD with a step schedule; the paper's CIFAR settings are the CIFAR defaults."""
 
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    lr_step: int = 150  # epochs between learning-rate decays
-    lr_gamma: float = 0.1
-    clip_norm: float = 0.0  # max global L2 norm of the gradient; 0 = no clipping
+    epochs: int = setting(200, "epochs of the main stage (auto: CIFAR 200, digits 100)", auto=True)
+    batch_size: int = setting(128, "images per step (auto: CIFAR 128, digits 64)", auto=True)
+    lr: float = setting(0.1, "initial SGD learning rate (auto: CIFAR 0.1, digits 0.05)", auto=True)
+    momentum: float = setting(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = setting(2e-4, "L2 weight decay (auto: CIFAR 2e-4)", auto=True)
+    lr_step: int = setting(150, "epochs between learning-rate decays (auto: CIFAR 150)", auto=True)
+    lr_gamma: float = setting(0.1, "learning-rate decay factor")
+    clip_norm: float = setting(0.0, "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as "
+                                    "the paper; else 0)", auto=True)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -108,8 +143,10 @@ class OptimConfig:
             raise LtexpError(f"--batch-size {self.batch_size} must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LtexpError(f"--lr {self.lr} must be a positive number")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise LtexpError("--weight-decay must be >= 0 and --momentum in [0, 1)")
+        if self.weight_decay < 0:
+            raise LtexpError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise LtexpError(f"--momentum {self.momentum} must be in [0, 1)")
         if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
             raise LtexpError(f"--lr-step {self.lr_step} must be >= 1 and --lr-gamma {self.lr_gamma} in (0, 1]")
         if self.clip_norm < 0 or not math.isfinite(self.clip_norm):
@@ -120,22 +157,58 @@ class OptimConfig:
 class MethodConfig:
     """What makes a method: see `ltexp.methods.METHODS`."""
 
-    method: str = "baseline"
-    sampling: str = "over"  # resample: over (the paper's ROS), under, balanced
-    lws_mode: str = "decoupled"  # lws: joint (the paper) or decoupled (Kang et al. 2019)
-    lws_epochs: int = 10  # epochs of scale-only training in decoupled LWS
-    lws_lr: float = 0.1
+    method: str = setting("baseline", "the method: " + ", ".join(METHODS), choices=tuple(METHODS))
+    sampling: str = setting("over", "resample: over (the paper's ROS), under or balanced", choices=RESAMPLINGS,
+                            when=lambda cfg: cfg.method.method == "resample")
+    lws_mode: str = setting("decoupled", "lws: joint (the paper) or decoupled (Kang et al. 2019)", choices=LWS_MODES,
+                            when=_uses_lws)
+    lws_epochs: int = setting(10, "lws decoupled: epochs of scale-only training",
+                              when=lambda cfg: _uses_lws(cfg) and cfg.method.lws_mode == "decoupled")
+    lws_lr: float = setting(0.1, "lws decoupled: learning rate of the scales",
+                            when=lambda cfg: _uses_lws(cfg) and cfg.method.lws_mode == "decoupled")
+    crt_epochs: int = setting(10, "crt: epochs of classifier re-training on frozen features",
+                              when=lambda cfg: cfg.method.method == "crt")
+    crt_lr: float = setting(0.1, "crt: learning rate of the re-trained classifier",
+                            when=lambda cfg: cfg.method.method == "crt")
 
     def __post_init__(self) -> None:
-        from ltexp.methods import METHODS  # late: methods imports config
+        _check_choices(self)
+        for name in ("lws_epochs", "crt_epochs"):
+            if getattr(self, name) < 1:
+                raise LtexpError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        for name in ("lws_lr", "crt_lr"):
+            if not getattr(self, name) > 0:
+                raise LtexpError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
 
-        _choice("method", self.method, tuple(METHODS))
-        _choice("sampling", self.sampling, SAMPLINGS)
-        _choice("lws-mode", self.lws_mode, LWS_MODES)
-        if self.lws_epochs < 1:
-            raise LtexpError(f"--lws-epochs {self.lws_epochs} must be >= 1")
-        if self.lws_lr <= 0:
-            raise LtexpError(f"--lws-lr {self.lws_lr} must be > 0")
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss (ltexp/losses.py), built per model from its own class counts."""
+
+    loss: str = setting(AUTO, "training loss: " + ", ".join(LOSSES) + " (auto: the method's own, else ce)",
+                        choices=(AUTO, *LOSSES), auto=True)
+    tau: float = setting(1.0, "logit_adjust: tau, the weight of log(prior) added to the logits",
+                         when=_loss_option("tau"))
+    ldam_max_margin: float = setting(0.5, "ldam: the largest class margin (that of the rarest class)",
+                                     when=_loss_option("ldam_max_margin"))
+    ldam_scale: float = setting(30.0, "ldam: s, the scale of the cosine logits",
+                                when=_loss_option("ldam_scale"))
+    drw_epoch: int = setting(0, "ldam: epoch of each stage from which class-balanced re-weighting is on; 0 = never "
+                                "(auto: 80 per cent of --epochs, then +1, as Cao et al. 160 of 200)", auto=True,
+                             when=_loss_option("drw_epoch"))
+    drw_beta: float = setting(0.9999, "ldam: beta of the effective-number re-weighting", when=_loss_option("drw_beta"))
+    focal_gamma: float = setting(1.0, "focal: gamma, the focusing exponent", when=_loss_option("focal_gamma"))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.ldam_max_margin <= 0 or self.ldam_scale <= 0:
+            raise LtexpError(f"--ldam-max-margin {self.ldam_max_margin} and --ldam-scale {self.ldam_scale} must be > 0")
+        if self.drw_epoch < 0:
+            raise LtexpError(f"--drw-epoch {self.drw_epoch} must be >= 0 (0 = no re-weighting)")
+        if not 0 < self.drw_beta < 1:
+            raise LtexpError(f"--drw-beta {self.drw_beta} must be in (0, 1)")
+        if self.focal_gamma < 0 or not math.isfinite(self.tau):
+            raise LtexpError(f"--focal-gamma {self.focal_gamma} must be >= 0 and --tau {self.tau} finite")
 
 
 @dataclass(frozen=True)
@@ -146,12 +219,18 @@ class SplitConfig:
     in `split_at` ("" = equal numbers of classes); one expert per group.
     """
 
-    num_groups: int = 2
-    split_at: str = ""
-    expert_mode: str = "own"      # own: only its group's images; other: plus one "other" label
-    other_size: str = "mean"      # "other" images per epoch = mean / min / max own-class count
-    fusion: str = "auto"          # auto = the rule with the best validation accuracy
-    lws: bool = True              # LWS in each expert (the paper); lws_mode picks joint/decoupled
+    num_groups: int = setting(2, "split: number of class groups / experts (2 = head, tail)", when=_is_split)
+    split_at: str = setting("", "split: class ranks where groups 2.. start, e.g. 5 or 3,6 (empty: equal numbers of "
+                                "classes)", when=lambda cfg: _is_split(cfg) and bool(cfg.split.split_at))
+    expert_mode: str = setting("own", "split: own (each expert sees only its classes) or other (plus an \"other\" "
+                                      "label)", choices=EXPERT_MODES, when=_is_split)
+    other_size: str = setting("mean", "split, expert_mode other: \"other\" images per epoch = mean, min or max "
+                                      "own-class count", choices=OTHER_SIZES,
+                              when=lambda cfg: _is_split(cfg) and cfg.split.expert_mode == "other")
+    fusion: str = setting(AUTO, "split: " + ", ".join(FUSIONS) + " (auto: best on validation)", choices=FUSIONS,
+                          when=_is_split)
+    lws: bool = setting(True, "split: LWS in every expert (true/false); --lws-mode picks joint/decoupled",
+                        when=_is_split)
 
     def __post_init__(self) -> None:
         if self.num_groups < 2:
@@ -163,9 +242,7 @@ class SplitConfig:
             if len(parts) != self.num_groups - 1:
                 raise LtexpError(f"--split-at {self.split_at!r} gives {len(parts) + 1} groups but --num-groups is "
                                  f"{self.num_groups}: give num_groups - 1 ranks")
-        _choice("expert-mode", self.expert_mode, EXPERT_MODES)
-        _choice("other-size", self.other_size, OTHER_SIZES)
-        _choice("fusion", self.fusion, FUSIONS)
+        _check_choices(self)
         if self.fusion in ("other", "calibrated_other") and self.expert_mode != "other":
             raise LtexpError(f"--fusion {self.fusion} needs --expert-mode other (experts without an \"other\" label)")
 
@@ -174,14 +251,25 @@ class SplitConfig:
         return tuple(int(p) for p in str(self.split_at).split(",")) if self.split_at else None
 
 
+def _never(cfg: "RunConfig") -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Where the run is recorded. The tracking URI itself comes from MLFLOW_TRACKING_URI."""
+    """Where the run is recorded. The tracking URI itself comes from MLFLOW_TRACKING_URI.
 
-    experiment: str = "ltexp"
-    run_name: str = ""
-    register_as: str = ""         # register the run's model under this name when it finishes
-    alias: str = "candidate"      # alias set on that registered version
+    Bookkeeping only: none of these changes what is trained, so none is logged as a param (the
+    experiment and run name are the run's own; a registration shows in the model registry).
+    """
+
+    experiment: str = setting("", "MLflow experiment (empty: $MLFLOW_EXPERIMENT_NAME, else ltexp; under `mlflow run` "
+                                  "its --experiment-name decides)", when=_never)
+    run_name: str = setting("", "MLflow run name (empty: <method>·<dataset>·<imb_type><imb_factor>·s<seed>)",
+                            when=_never)
+    register_as: str = setting("", "register the run's model under this name when the run ends (empty: don't)",
+                               when=_never)
+    alias: str = setting("candidate", "alias given to that registered version", when=_never)
 
 
 @dataclass(frozen=True)
@@ -192,13 +280,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = setting(0, "training seed")
+    device: str = setting(AUTO, "auto, cpu, cuda or mps", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        _choice("device", self.device, DEVICES)
+        _check_choices(self)
 
 
 SEARCHABLE = ("lr", "weight_decay", "expert_mode", "other_size", "lws", "num_groups")
@@ -210,21 +299,23 @@ SAMPLERS_OPTUNA = ("tpe", "random")
 class TuneConfig:
     """An Optuna study over split experts (`ltexp tune`); see ltexp/tune.py for the search space."""
 
-    n_trials: int = 20            # trials that must end COMPLETE or PRUNED; a rerun continues to it
-    study_name: str = ""          # "" = ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>
-    storage: str = ""             # "" = sqlite optuna.db beside the MLflow sqlite store (or in cwd)
-    metric: str = "val_acc"       # validation objective, e.g. val_tail_acc or 0.5*val_acc+0.5*val_tail_acc
-    search: str = ""              # extra dimensions, comma-separated, from SEARCHABLE
-    split_min: int = 1            # smallest rank a group may start at
-    split_max: int = 0            # largest; 0 = K-1
-    max_groups: int = 3           # upper bound when num_groups is searched
-    fusions: str = ""             # rules to search, comma-separated; "" = every applicable rule
-    clip_min: float = 0.5         # clip_norm search range (log scale), plus "off"
-    clip_max: float = 50.0
-    pruner: str = "median"
-    sampler: str = "tpe"
-    heartbeat_s: int = 60         # RDB storages: a trial silent this long x2 is failed and retried
-    model_name: str = ""          # registered model; "" = ltexp-<dataset>
+    n_trials: int = setting(20, "trials to finish (COMPLETE or PRUNED); rerunning continues the study up to this")
+    study_name: str = setting("", "Optuna study name (empty: ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>)")
+    storage: str = setting("", "Optuna storage, RDB URL (sqlite:///..., postgresql://...) or journal file (*.log); "
+                               "empty: sqlite optuna.db beside the MLflow sqlite store")
+    metric: str = setting("val_acc", "validation objective, e.g. val_acc, val_tail_acc, 0.5*val_acc+0.5*val_tail_acc")
+    search: str = setting("", "extra dimensions, comma-separated: " + ", ".join(SEARCHABLE))
+    split_min: int = setting(1, "smallest class rank a group may start at")
+    split_max: int = setting(0, "largest class rank a group may start at (0: K-1)")
+    max_groups: int = setting(3, "most groups when num_groups is searched")
+    fusions: str = setting("", "fusion rules searched, comma-separated (empty: all that apply)")
+    clip_min: float = setting(0.5, "clip_norm search range, lower end (log scale; \"off\" is always a choice)")
+    clip_max: float = setting(50.0, "clip_norm search range, upper end")
+    pruner: str = setting("median", "median, hyperband or none", choices=PRUNERS)
+    sampler: str = setting("tpe", "tpe or random (seeded with --seed)", choices=SAMPLERS_OPTUNA)
+    heartbeat_s: int = setting(60, "RDB heartbeat interval in seconds; a trial silent for twice this is failed "
+                                   "and retried")
+    model_name: str = setting("", "registered model name (empty: ltexp-<dataset>)")
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
@@ -238,11 +329,10 @@ class TuneConfig:
             raise LtexpError(f"--clip-min {self.clip_min} / --clip-max {self.clip_max}: need 0 < min <= max")
         if self.max_groups < 2:
             raise LtexpError(f"--max-groups {self.max_groups} must be >= 2")
-        unknown = [f for f in self.fusion_list() if f not in FUSIONS or f == "auto"]
+        unknown = [f for f in self.fusion_list() if f not in FUSION_RULES]
         if unknown:
-            raise LtexpError(f"unknown fusion {unknown[0]!r} in --fusions: allowed are {', '.join(FUSIONS[1:])}")
-        _choice("pruner", self.pruner, PRUNERS)
-        _choice("sampler", self.sampler, SAMPLERS_OPTUNA)
+            raise LtexpError(f"unknown fusion {unknown[0]!r} in --fusions: allowed are {', '.join(FUSION_RULES)}")
+        _check_choices(self)
         if self.heartbeat_s < 1:
             raise LtexpError(f"--heartbeat-s {self.heartbeat_s} must be >= 1")
 
@@ -265,14 +355,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Holdout validation images per class for CIFAR (the source has 5,000 / 500 per class).
 CIFAR_VAL_PER_CLASS = {"cifar10": 100, "cifar100": 20}
-AUTO = "auto"
+# Share of the epochs before LDAM's deferred re-weighting starts (Cao et al.: epoch 160 of 200).
+DRW_START = 0.8
 
 
 def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: str = "auto") -> RunConfig:
     """Build a validated `RunConfig` from per-section values, filling "auto" from `PRESETS`.
 
-    `sections` maps section name (data, model, optim, method, tracking) to field values as the
-    CLI parsed them; a value of "auto" (or a missing key) means "the data set's default".
+    `sections` maps section name (data, model, optim, method, loss, split, tracking) to field
+    values as the CLI parsed them; a value of "auto" (or a missing key) means "the data set's
+    (or method's) default".
     """
     data_values = {k: v for k, v in sections.get("data", {}).items() if v != AUTO}
     data = DataConfig(**data_values)
@@ -280,44 +372,49 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     if data.family == "folder" and data.image_size < 32:
         preset = {**preset, "model": "smallcnn", "augment": "crop"}
 
-    def fill(cls, values: dict[str, Any]):
-        names = {f.name for f in fields(cls)}
+    def fill(cls, values: dict[str, Any], defaults: dict[str, Any]):
         out = {}
-        for name in names:
-            value = values.get(name, AUTO)
-            if value == AUTO:
-                if name in preset:
-                    value = preset[name]
-                else:
-                    continue
-            out[name] = value
+        for f in fields(cls):
+            value = values.get(f.name, AUTO)
+            if value == AUTO and f.metadata.get("auto"):
+                value = defaults.get(f.name, AUTO)
+            if value != AUTO or (f.metadata.get("choices") and AUTO in f.metadata["choices"]):
+                out[f.name] = value
         return cls(**out)
 
-    if data.augment == AUTO or "augment" not in data_values:
-        data = replace(data, augment=data_values.get("augment", preset["augment"]))
+    if data.augment == AUTO:
+        data = replace(data, augment=preset["augment"])
     if data.val_per_class == 0:
-        default_val = CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"])
-        data = replace(data, val_per_class=default_val)
-    method = fill(MethodConfig, sections.get("method", {}))
+        data = replace(data, val_per_class=CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"]))
+    method = fill(MethodConfig, sections.get("method", {}), {})
+    method_cls = METHODS[method.method]
     # The paper clips expert gradients at norm 5; single-model methods default to no clipping.
-    preset = {**preset, "clip_norm": 5.0 if method.method == "split" else 0.0}
+    optim = fill(OptimConfig, sections.get("optim", {}), {**preset, "clip_norm": 5.0 if method.method == "split" else 0.0})
+    loss_values = dict(sections.get("loss", {}))
+    fixed = getattr(method_cls, "fixed_loss", None)
+    given = loss_values.get("loss", AUTO)
+    if fixed and given not in (AUTO, fixed):
+        raise LtexpError(f"--method {method.method} trains with --loss {fixed}, not {given!r}: leave --loss at auto, "
+                         f"or use --method baseline --loss {given}")
+    loss = fill(LossConfig, loss_values, {"loss": fixed or "ce", "drw_epoch": int(DRW_START * optim.epochs) + 1})
     return RunConfig(
         data=data,
-        model=fill(ModelConfig, sections.get("model", {})),
-        optim=fill(OptimConfig, sections.get("optim", {})),
+        model=fill(ModelConfig, sections.get("model", {}), preset),
+        optim=optim,
         method=method,
-        split=fill(SplitConfig, sections.get("split", {})),
-        tracking=fill(TrackingConfig, sections.get("tracking", {})),
+        loss=loss,
+        split=fill(SplitConfig, sections.get("split", {}), {}),
+        tracking=fill(TrackingConfig, sections.get("tracking", {}), {}),
         seed=int(seed),
         device=device,
     )
 
 
 def flatten(cfg: Any) -> dict[str, Any]:
-    """Flatten nested dataclasses to `{"imb_factor": 0.01, ...}` for `mlflow.log_params`.
+    """Flatten nested dataclasses to `{"imb_factor": 0.01, ...}`, every field.
 
-    Field names are unique across sections, so each param has the same name as its CLI flag
-    (with underscores) and its MLproject parameter.
+    Field names are unique across sections, so each key is the CLI flag (with underscores) and
+    the MLproject parameter.
     """
     out: dict[str, Any] = {}
     for f in fields(cfg):
@@ -328,6 +425,40 @@ def flatten(cfg: Any) -> dict[str, Any]:
                 raise ValueError(f"config field {key!r} is defined twice")  # a programming error
             out[key] = item
     return out
+
+
+def setting_fields(cfg: Any) -> dict[str, dataclasses.Field]:
+    """Every leaf field of a (nested) config by name, with its metadata."""
+    out: dict[str, dataclasses.Field] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name) if not isinstance(cfg, type) else None
+        if is_dataclass(f.type) or (value is not None and is_dataclass(value)):
+            out.update(setting_fields(value))
+        else:
+            out[f.name] = f
+    return out
+
+
+# Fields that never change what is trained or evaluated, with the reason; every other field does
+# (tests/test_config_coverage.py trains with each changed and compares the results).
+BOOKKEEPING_FIELDS = {
+    "experiment": "where the run is recorded",
+    "run_name": "what the run is called",
+    "register_as": "whether the finished model is also registered",
+    "alias": "which alias the registered version gets",
+    "download": "only whether a missing CIFAR archive is fetched; the images read are the same",
+    "device": "which hardware computes; results agree up to floating-point precision",
+}
+
+
+def used_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that change what `cfg` runs, as MLflow params (what `log_config` logs).
+
+    A field whose `when` is false for this configuration (e.g. `sampling` on a baseline run,
+    `tau` without the logit_adjust loss, the tracking fields) is left out.
+    """
+    meta = setting_fields(cfg)
+    return {k: v for k, v in flatten(cfg).items() if meta[k].metadata.get("when") is None or meta[k].metadata["when"](cfg)}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

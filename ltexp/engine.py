@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ltexp import LtexpError
 from ltexp.data.device import CropFlip, DeviceImages
 from ltexp.data.longtail import ClassInfo
 from ltexp.data.sampling import build_sampler
-from ltexp.methods import TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES, TRAIN_SCALES, Stage
+from ltexp.methods import TRAIN_HEAD, TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES, TRAIN_SCALES, Stage
 from ltexp.metrics import classification_metrics
+from ltexp.progress import Progress
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
 EVAL_BATCH = 1024  # images per forward pass at evaluation; memory, not accuracy, bounds it
 
 
@@ -36,6 +37,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise LtexpError("--device cuda asked for, but torch sees no CUDA device: use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise LtexpError("--device mps asked for, but torch sees no Apple MPS device: use --device auto or cpu")
+    if name not in DEVICES:
+        raise LtexpError(f"unknown --device {name!r}: allowed are {', '.join(DEVICES)}")
     return torch.device(name)
 
 
@@ -73,6 +78,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     # Images drawn per class in each epoch (label order): what the sampler really fed the model.
     seen_per_class: list[list[int]] = field(default_factory=list)
+    # What a method's post-hoc step chose on validation after training (e.g. posthoc_tau).
+    posthoc: dict = field(default_factory=dict)
 
     @property
     def train_images_per_s(self) -> float:
@@ -80,22 +87,23 @@ class FitResult:
 
 
 def _set_trainable(model: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
-    scales = model.head.scales
     for p in model.parameters():
         p.requires_grad_(trainable in (TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES))
-    scales.requires_grad_(trainable in (TRAIN_NETWORK_AND_SCALES, TRAIN_SCALES))
+    model.head.scales.requires_grad_(trainable in (TRAIN_NETWORK_AND_SCALES, TRAIN_SCALES))
+    if trainable == TRAIN_HEAD:
+        model.head.linear.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def _train_mode(model: torch.nn.Module, trainable: str) -> None:
     model.train()
-    if trainable == TRAIN_SCALES:
+    if trainable in (TRAIN_SCALES, TRAIN_HEAD):
         model.body.eval()  # frozen features: BatchNorm statistics must not move either
 
 
 def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
         *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int,
-        on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+        on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None,
         select_metric: str = "acc") -> FitResult:
     """Train `model` through `stages`; after each stage keep its best epoch on validation.
 
@@ -103,8 +111,10 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     "other" label use `macro_acc`).
 
     `on_epoch` receives one dict per epoch: `epoch` (global, from 1), `stage`, `train_loss`,
-    `train_acc`, `lr`, `epoch_time_s` and the `val_*` metrics. A non-finite training loss
-    raises `LtexpError` at the end of the epoch it happened in.
+    `train_acc`, `lr`, `epoch_time_s`, `train_images_per_s` and the `val_*` metrics. Each
+    stage's loss (`stage.loss`) is called on the batch's logits and labels; the engine knows no
+    loss by name. A non-finite training loss raises `LtexpError` at the end of the epoch it
+    happened in. `progress` reports epochs to a person (bars or lines).
     """
     device = train.images.device
     generator = torch.Generator(device=device)
@@ -118,14 +128,19 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     global_epoch, images_seen, train_time = 0, 0, 0.0
     best_acc, best_epoch = -1.0, 0
     for stage in stages:
+        if stage.reset_head:
+            model.head.reset_classifier()
         params = _set_trainable(model, stage.trainable)
-        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.9, weight_decay=stage.weight_decay,
+        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay,
                                     fused=device.type == "cuda" or None)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
         sampler = build_sampler(stage.sampler, **stage.sampler_options)
         stage_best_acc, stage_best_state = -1.0, None
+        if progress is not None:
+            progress.start_stage(stage.name, stage.epochs)
         for stage_epoch in range(1, stage.epochs + 1):
             global_epoch += 1
+            stage.loss.start_epoch(stage_epoch)
             _train_mode(model, stage.trainable)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -134,8 +149,6 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
             seen = torch.bincount(train.labels[order], minlength=num_classes)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
-            steps = math.ceil(len(order) / batch_size)
-            bar = _progress(progress, steps, f"{stage.name} {stage_epoch}/{stage.epochs}")
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 images = augment(train.images[idx], generator)
@@ -144,7 +157,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
                     images = images.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):
                     logits = model(images)
-                    loss = F.cross_entropy(logits.float(), labels)
+                    loss = stage.loss(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_norm > 0:
@@ -152,8 +165,6 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
                 optimizer.step()
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == labels).sum()
-                if bar is not None:
-                    bar.update()
             lr = optimizer.param_groups[0]["lr"]
             schedule.step()
             train_loss = loss_sum.item() / len(order)  # the one sync of the epoch
@@ -164,18 +175,18 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
             images_seen += len(order)
             seen_per_class.append(seen.tolist())
             if not math.isfinite(train_loss):
-                if bar is not None:
-                    bar.close()
+                if progress is not None:
+                    progress.close()
                 raise LtexpError(f"training loss is {train_loss} in stage {stage.name!r} epoch {stage_epoch}: "
                                  "lower --lr or set --clip-norm (e.g. 5)")
             val_metrics = classification_metrics(predict_logits(model, val.images), val.labels, info)
             record = {"epoch": global_epoch, "stage": stage.name, "train_loss": train_loss,
                       "train_acc": correct.item() / len(order), "lr": lr, "epoch_time_s": epoch_time,
+                      "train_images_per_s": len(order) / epoch_time if epoch_time > 0 else 0.0,
                       **{f"val_{k}": v for k, v in val_metrics.items()}}
             history.append(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_metrics['acc']:.3f}")
-                bar.close()
+            if progress is not None:
+                progress.end_epoch(stage.name, stage_epoch, stage.epochs, record)
             if on_epoch is not None:
                 on_epoch(record)
             if val_metrics[select_metric] > stage_best_acc:
@@ -188,10 +199,3 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     model.eval()
     return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class)
 
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)

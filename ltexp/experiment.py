@@ -19,15 +19,16 @@ import pandas as pd
 import torch
 
 from ltexp import plots, tracking
-from ltexp.config import RunConfig, flatten
+from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
-from ltexp.engine import FitResult, fit, resolve_device
-from ltexp.fusion import ExpertLayout, applicable_rules, fit_rule, fuse, oracle_predict, routing_accuracy
+from ltexp.engine import FitResult, fit, predict_logits, resolve_device
+from ltexp.fusion import ExpertLayout, fit_rule, fuse, oracle_predict, routing_accuracy
 from ltexp.methods import ExpertSpec, build_method
 from ltexp.metrics import accuracy_metrics, classification_metrics, confusion_matrix, per_class_accuracy
 from ltexp.models import build_model, channel_stats
 from ltexp.predictor import FusedPredictor
+from ltexp.progress import Progress
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ExperimentResult:
     fusion_table: pd.DataFrame | None = None
     model_uri: str = ""
     registered_version: int | None = None
-    fusion: str = "none"
+    fusion: str = "concat"
     expert_run_ids: list[str] = field(default_factory=list)
 
 
@@ -75,9 +76,11 @@ def expert_view(images: DeviceImages, spec: ExpertSpec, num_classes: int) -> Dev
     return DeviceImages(images.images[keep], labels[keep])
 
 
-def expert_info(info: ClassInfo, spec: ExpertSpec, other_count: int) -> ClassInfo:
+def expert_info(info: ClassInfo, spec: ExpertSpec) -> ClassInfo:
+    """Class names and training counts of an expert's outputs; its "other" label counts the
+    images it draws per epoch (what its loss and sampler see)."""
     names = tuple(info.class_names[c] for c in spec.classes) + (("other",) if spec.other else ())
-    counts = info.train_counts[list(spec.classes)].tolist() + ([other_count] if spec.other else [])
+    counts = info.train_counts[list(spec.classes)].tolist() + ([spec.other_per_epoch] if spec.other else [])
     return ClassInfo(names, np.asarray(counts, dtype=np.int64))
 
 
@@ -89,15 +92,15 @@ def expert_seed(cfg: RunConfig, spec: ExpertSpec) -> int:
 
 def expert_key(cfg: RunConfig, spec: ExpertSpec) -> str:
     """Everything that changes how an expert trains; equal keys give bit-identical experts on CPU."""
-    settings = {k: v for k, v in flatten(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
+    settings = {k: v for k, v in used_settings(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
     return json.dumps({"settings": settings, "classes": spec.classes, "other": spec.other,
                        "other_per_epoch": spec.other_per_epoch}, sort_keys=True, default=str)
 
 
-# Config fields that never reach an expert's training (they pick groups, fusion or bookkeeping;
-# the groups themselves are part of the key through the expert's classes).
-UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "experiment",
-                             "run_name", "register_as", "alias", "device"}
+# Config fields that never reach an expert's training (they pick groups or fusion; the groups
+# themselves are part of the key through the expert's classes). Bookkeeping fields are not in
+# `used_settings` at all.
+UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "device"}
 
 
 @dataclass
@@ -121,15 +124,18 @@ class ExpertCache:
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
                  cache: ExpertCache | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
-    """Train one expert with the one engine (or take it from `cache`).
+    """Train one expert with the one engine, then apply the method's post-hoc step (or take the
+    finished expert from `cache`).
 
-    Returns the model at its best validation epoch, its `FitResult`, and whether it was reused.
+    Returns the model (best validation epoch, post-hoc step applied), its `FitResult`, and
+    whether it was reused.
     """
     data, splits = prep.data, prep.splits
     seed = expert_seed(cfg, spec)
     torch.manual_seed(seed)
     mean, std = channel_stats(data.train_images)
-    model = build_model(cfg.model.model, data.image_shape, spec.num_outputs, mean, std).to(prep.device)
+    model = build_model(cfg.model.model, data.image_shape, spec.num_outputs, mean, std,
+                        head=method.head).to(prep.device)
     key = expert_key(cfg, spec)
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
@@ -137,11 +143,13 @@ def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_
         return model.eval(), cached[1], True
     k = data.info.num_classes
     train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
-    other_count = int((train.labels == len(spec.classes)).sum()) if spec.other else 0
-    result = fit(model, train, val, method.stages(cfg.optim, spec), expert_info(data.info, spec, other_count),
+    info = expert_info(data.info, spec)
+    result = fit(model, train, val, method.stages(info, spec), info,
                  batch_size=cfg.optim.batch_size, clip_norm=cfg.optim.clip_norm,
                  augment=build_augment(cfg.data.augment, data.image_shape[0]), seed=seed, on_epoch=on_epoch,
-                 progress=progress, select_metric="macro_acc" if spec.other else "acc")
+                 progress=Progress(spec.name) if progress else None,
+                 select_metric="macro_acc" if spec.other else "acc")
+    result.posthoc = method.posthoc(model, predict_logits(model, val.images), val.labels, info)
     if cache is not None:
         cache.put(key, model, result)
     return model, result, False
@@ -168,7 +176,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def build_experts(cfg: RunConfig, info: ClassInfo):
     """The method object, its expert specs, and their layout (validates `split_at`)."""
-    method = build_method(cfg.method, cfg.split)
+    method = build_method(cfg)
     specs = method.experts(info)
     layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), info.num_classes)
     return method, specs, layout
@@ -184,12 +192,12 @@ def _timed(device: torch.device, fn):
     return out, time.perf_counter() - started
 
 
-def fusion_table(layout: ExpertLayout, val: tuple, info: ClassInfo, test: tuple | None = None,
-                 rules: list[str] | None = None) -> pd.DataFrame:
+def fusion_table(layout: ExpertLayout, val: tuple, info: ClassInfo, rules: list[str],
+                 test: tuple | None = None) -> pd.DataFrame:
     """Fusion rules on trained experts' outputs: fitted on validation, scored on validation and,
     when `test` = (outputs, labels) is given, on test. `val` is (outputs, labels) too."""
     rows = []
-    for rule in rules or applicable_rules(layout):
+    for rule in rules:
         params = fit_rule(rule, val[0], layout, val[1])
         row = {"fusion": rule, "params": params}
         for split, (outputs, labels) in (("val", val), ("test", test)) if test is not None else (("val", val),):
@@ -231,7 +239,13 @@ def run_experiment(cfg: RunConfig, progress: bool = False) -> ExperimentResult:
 def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, progress: bool = False,
             cache: ExpertCache | None = None, expert_runs: bool = True) -> ExperimentResult:
     """The experiment inside an open run: data, experts, fusion chosen on validation, one test
-    evaluation, artifacts, the model, and registration when asked for."""
+    evaluation, artifacts, the model, and registration when asked for.
+
+    One path for every method: a single-model method is one expert that owns every class, fused
+    by `concat` (the identity). With several experts, each trains in a nested run of its own
+    (unless `expert_runs` is false, as inside a tuning study); a single model logs its epochs
+    into `run` itself.
+    """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if prep is None:
@@ -240,64 +254,64 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     data, splits, device = prep.data, prep.splits, prep.device
     log_data_profile(run, data)
     method, specs, layout = build_experts(cfg, data.info)
-    if len(specs) > 1:
-        starts = np.cumsum([len(s.classes) for s in specs])[:-1]
-        run.log_params({"split_ranks": ",".join(map(str, starts)), "experts": ",".join(s.name for s in specs)})
+    starts = np.cumsum([len(s.classes) for s in specs])[:-1]
+    run.log_params({"experts": ",".join(s.name for s in specs),
+                    **({"split_ranks": ",".join(map(str, starts))} if len(starts) else {})})
+    in_parent = len(specs) == 1  # one model: its epochs are the run's own curves
 
-    experts, child_ids, train_time, images_seen = [], [], 0.0, 0
+    experts, results = [], []
+    child_ids: list[str] = []
     for spec in specs:
-        if len(specs) == 1 or not expert_runs:
-            model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if len(specs) == 1 else None,
+        if in_parent or not expert_runs:
+            model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
                                             progress, cache)
         else:
             tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
             with run.child(f"expert-{spec.name}", tags) as child:
                 child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
-                                  "other": spec.other, "other_per_epoch": spec.other_per_epoch})
+                                  "other": spec.other, **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
                 model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache)
                 child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
-                                   "best_epoch": result.best_epoch})
+                                   "best_epoch": result.best_epoch, **result.posthoc})
                 child_ids.append(child.run_id)
         experts.append(model)
-        train_time += result.train_time_s
-        images_seen += result.images_seen
+        results.append(result)
 
-    predictor = FusedPredictor(experts, layout, "none", data.info.class_names, data.image_shape)
-    metrics = {"train_time_s": train_time, "train_images_per_s": images_seen / train_time if train_time else 0.0}
-    table = None
-    if len(specs) == 1:
-        log_probs, test_time = _timed(device, lambda: predictor.log_probs(splits.test.images))
-        test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
-        metrics["best_val_acc"] = result.best_val_acc
-        metrics["best_epoch"] = result.best_epoch
-    else:
-        val_outputs = predictor.expert_outputs(splits.val.images)
-        test_outputs, test_time = _timed(device, lambda: predictor.expert_outputs(splits.test.images))
-        table = fusion_table(layout, (val_outputs, splits.val.labels), data.info,
-                             test=(test_outputs, splits.test.labels))
-        chosen = cfg.split.fusion
-        if chosen == "auto":  # the choice sees validation only
-            chosen = table.sort_values(["val_acc", "val_nll"], ascending=[False, True]).iloc[0]["fusion"]
-        row = table.set_index("fusion").loc[chosen]
-        predictor.fusion, predictor.fusion_params = chosen, row["params"]
-        log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
-        test_time += fuse_time
-        test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
+    # Fusion rules are fitted and chosen on validation; the test set is scored once per rule.
+    val_outputs = [predict_logits(m, splits.val.images) for m in experts]
+    test_outputs, test_time = _timed(device, lambda: [predict_logits(m, splits.test.images) for m in experts])
+    table = fusion_table(layout, (val_outputs, splits.val.labels), data.info, method.fusion_rules(layout),
+                         test=(test_outputs, splits.test.labels))
+    chosen = table.sort_values(["val_acc", "val_nll"], ascending=[False, True]).iloc[0]["fusion"]
+    row = table.set_index("fusion").loc[chosen]
+    predictor = FusedPredictor(experts, layout, chosen, data.info.class_names, data.image_shape, row["params"])
+    log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
+    test_time += fuse_time
+    test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
+    val_metrics = {k[4:]: row[k] for k in table.columns if k.startswith("val_")}
+
+    metrics = headline_metrics(results)
+    if len(specs) > 1:
         test_metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), splits.test.labels, layout)
         oracle = accuracy_metrics(oracle_predict(test_outputs, layout, splits.test.labels), splits.test.labels, data.info)
         test_metrics.update({"oracle_acc": oracle["acc"], "oracle_head_acc": oracle["head_acc"],
                              "oracle_tail_acc": oracle["tail_acc"]})
-        metrics.update({k: row[k] for k in table.columns if k.startswith("val_")})
-        for _, r in table.iterrows():
-            for key in ("acc", "head_acc", "tail_acc", "routing_acc"):
-                metrics[f"val_{key}__fusion_{r['fusion']}"] = r[f"val_{key}"]
-                metrics[f"test_{key}__fusion_{r['fusion']}"] = r[f"test_{key}"]
-        run.log_table(table.drop(columns=["params"]).assign(params=[json.dumps(p) for p in table["params"]]),
+        metrics["best_val_acc"] = val_metrics["acc"]  # the fused model's, as chosen on validation
+        if len(table) > 1:  # a compact per-rule view; the full table is eval/fusion_rules.csv
+            for _, r in table.iterrows():
+                metrics[f"val_acc__fusion_{r['fusion']}"] = r["val_acc"]
+                metrics[f"test_acc__fusion_{r['fusion']}"] = r["test_acc"]
+        oracle_row = {"fusion": "ORACLE (true group; upper bound, not a result)", "params": {},
+                      **{f"test_{k}": v for k, v in oracle.items()}}
+        log_table = pd.concat([table, pd.DataFrame([oracle_row])], ignore_index=True)
+        run.log_table(log_table.drop(columns=["params"]).assign(params=[json.dumps(p) for p in log_table["params"]]),
                       "eval/fusion_rules.csv")
         run.set_tags({"ltexp.fusion": chosen})
     metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
     metrics["test_time_s"] = test_time
     run.log_metrics(metrics)
+    # The shipped model's validation metrics, as the last point of the val_* curves.
+    run.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=max(r.epochs_run for r in results) + 1)
     log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,4 +321,25 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     if cfg.tracking.register_as:
         tracking.flush()
         version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
-    return ExperimentResult(run.run_id, metrics, table, model_uri, version, predictor.fusion, child_ids)
+    return ExperimentResult(run.run_id, {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}, table,
+                            model_uri, version, chosen, child_ids)
+
+
+def headline_metrics(results: list[FitResult]) -> dict[str, float]:
+    """The keys every top-level run logs, whatever its method, so runs compare without gaps.
+
+    Several experts: times add up; the last epoch's loss, accuracy and epoch time are averaged
+    over the experts weighted by the images each saw; `lr` is the final learning rate.
+    """
+    train_time = sum(r.train_time_s for r in results)
+    images = sum(r.images_seen for r in results)
+    last = [r.history[-1] for r in results]
+    weights = np.asarray([r.seen_per_class and sum(r.seen_per_class[-1]) or 1 for r in results], dtype=np.float64)
+    metrics = {"train_time_s": train_time, "train_images_per_s": images / train_time if train_time else 0.0,
+               "best_epoch": max(r.best_epoch for r in results), "best_val_acc": results[0].best_val_acc,
+               "epochs_run": max(r.epochs_run for r in results), "lr": last[-1]["lr"]}
+    for key in ("train_loss", "train_acc", "epoch_time_s"):
+        metrics[key] = float(np.average([h[key] for h in last], weights=weights))
+    for key in sorted({k for r in results for k in r.posthoc}):
+        metrics[key] = float(np.mean([r.posthoc[key] for r in results if key in r.posthoc]))
+    return metrics

@@ -1,38 +1,58 @@
-"""Methods: each is a small object that tells the one engine which stages to run.
+"""Methods: each is a small object that tells the one engine what to train and how.
 
-A `Stage` names the sampler, which parameters train, and its learning-rate settings. The engine
-runs stages in order and never looks at a method's name; adding a method means adding a class
-here and an entry in `METHODS`.
+A method lists its experts (one owning every class for single-model methods), the `Stage`s each
+expert trains through (sampler, loss, which parameters train, learning-rate settings), the head
+its models need, an optional post-hoc step on the trained model (chosen on validation), and the
+fusion rules that may turn its experts' outputs into one prediction. The engine runs stages in
+order and never looks at a method's name; adding a method means adding a class here and an entry
+in `METHODS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-from ltexp.config import MethodConfig, OptimConfig, SplitConfig
+from ltexp import posthoc
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
+from ltexp.fusion import applicable_rules
+from ltexp.losses import Loss, build_loss, head_for
+
+if TYPE_CHECKING:  # config imports this module for its choice lists
+    from ltexp.config import RunConfig
+    from ltexp.models import Classifier
 
 # Which parameters a stage updates.
 TRAIN_NETWORK = "network"             # everything except the LWS scales
 TRAIN_NETWORK_AND_SCALES = "network+scales"
 TRAIN_SCALES = "scales"               # only the LWS scales; the rest frozen, BatchNorm in eval mode
+TRAIN_HEAD = "head"                   # only the linear classifier; the rest frozen, BatchNorm in eval mode
+
+RESAMPLINGS = ("over", "under", "balanced")   # samplers (ltexp/data/sampling.py) `resample` may use
+LWS_MODES = ("joint", "decoupled")
+EXPERT_MODES = ("own", "other")
+OTHER_SIZES = ("mean", "min", "max")
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One phase of training: `epochs` epochs of SGD with a step schedule."""
+    """One phase of training: `epochs` epochs of SGD with a step schedule, on one loss."""
 
     name: str
     epochs: int
     sampler: str          # see ltexp.data.sampling.SAMPLERS
-    trainable: str        # TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES or TRAIN_SCALES
+    trainable: str        # TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES, TRAIN_SCALES or TRAIN_HEAD
     lr: float
+    momentum: float
     weight_decay: float
     lr_step: int
     lr_gamma: float
+    loss: Loss
     sampler_options: dict = field(default_factory=dict)  # e.g. {"other_per_epoch": 40}
+    reset_head: bool = False  # re-initialise the linear classifier first (classifier re-training)
 
 
 @dataclass(frozen=True)
@@ -53,26 +73,45 @@ class ExpertSpec:
         return len(self.classes) + int(self.other)
 
 
-def _network_stage(optim: OptimConfig, sampler: str, trainable: str = TRAIN_NETWORK) -> Stage:
-    return Stage("train", optim.epochs, sampler, trainable, optim.lr, optim.weight_decay,
-                 optim.lr_step, optim.lr_gamma)
-
-
 class Baseline:
-    """Cross-entropy on the long-tailed set, every image once per epoch."""
+    """Cross-entropy (or `--loss`) on the long-tailed set, every image once per epoch."""
 
     name = "baseline"
+    fixed_loss: str | None = None  # a method defined by its loss trains with that loss only
 
-    def __init__(self, cfg: MethodConfig, split: SplitConfig | None = None):
+    def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
-        self.split = split or SplitConfig()
+
+    @property
+    def head(self) -> str:
+        """The classifier head its models need (`linear`, `cosine` for LDAM)."""
+        return head_for(self.cfg.loss.loss)
+
+    @property
+    def learn_scales(self) -> bool:
+        return False
 
     def experts(self, info: ClassInfo) -> list[ExpertSpec]:
         """Single-model methods: one expert owning every class (label order)."""
         return [ExpertSpec("all", tuple(range(info.num_classes)))]
 
-    def stages(self, optim: OptimConfig, expert: ExpertSpec | None = None) -> list[Stage]:
-        return [_network_stage(optim, "instance")]
+    def fusion_rules(self, layout) -> list[str]:
+        """Rules that may fuse its experts; one expert owning every class needs only `concat` (identity)."""
+        return ["concat"]
+
+    def _stage(self, info: ClassInfo, sampler: str, trainable: str = TRAIN_NETWORK) -> Stage:
+        optim = self.cfg.optim
+        return Stage("train", optim.epochs, sampler, trainable, optim.lr, optim.momentum, optim.weight_decay,
+                     optim.lr_step, optim.lr_gamma, build_loss(self.cfg.loss, info.train_counts))
+
+    def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        """The stages of model `spec`, whose outputs have the training counts `info.train_counts`."""
+        return [self._stage(info, "instance")]
+
+    def posthoc(self, model: "Classifier", val_logits: torch.Tensor, val_labels: torch.Tensor,
+                info: ClassInfo) -> dict[str, float]:
+        """A post-hoc change of the trained model chosen on validation; returns what was chosen."""
+        return {}
 
 
 class Resample(Baseline):
@@ -80,26 +119,92 @@ class Resample(Baseline):
 
     name = "resample"
 
-    def stages(self, optim: OptimConfig, expert: ExpertSpec | None = None) -> list[Stage]:
-        return [_network_stage(optim, self.cfg.sampling)]
+    def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        return [self._stage(info, self.cfg.method.sampling)]
 
 
 class LWS(Baseline):
     """Learnable weight scaling of the classifier (Kang et al. 2019).
 
     `joint` (the paper): the scales train with the network from the start.
-    `decoupled` (Kang et al.): cross-entropy training first, then only the scales train for
+    `decoupled` (Kang et al.): normal training first, then only the scales train for
     `lws_epochs` epochs with class-balanced sampling (no weight decay: it would pull scales to 0).
     """
 
     name = "lws"
 
-    def stages(self, optim: OptimConfig, expert: ExpertSpec | None = None) -> list[Stage]:
-        if self.cfg.lws_mode == "joint":
-            return [_network_stage(optim, "instance", TRAIN_NETWORK_AND_SCALES)]
-        scales = Stage("lws", self.cfg.lws_epochs, "balanced", TRAIN_SCALES, self.cfg.lws_lr, 0.0,
-                       max(1, self.cfg.lws_epochs), 1.0)
-        return [_network_stage(optim, "instance"), scales]
+    @property
+    def learn_scales(self) -> bool:
+        return True
+
+    def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        m = self.cfg.method
+        if m.lws_mode == "joint":
+            return [self._stage(info, "instance", TRAIN_NETWORK_AND_SCALES)]
+        scales = Stage("lws", m.lws_epochs, "balanced", TRAIN_SCALES, m.lws_lr, self.cfg.optim.momentum, 0.0,
+                       max(1, m.lws_epochs), 1.0, build_loss(self.cfg.loss, info.train_counts))
+        return [self._stage(info, "instance"), scales]
+
+
+class BalancedSoftmax(Baseline):
+    """Balanced softmax (Ren et al. 2020): the loss adds log(prior) to the logits."""
+
+    name = "balanced_softmax"
+    fixed_loss = "balanced_softmax"
+
+
+class LogitAdjust(Baseline):
+    """Logit-adjusted loss (Menon et al. 2021): the loss adds tau * log(prior) to the logits."""
+
+    name = "logit_adjust"
+    fixed_loss = "logit_adjust"
+
+
+class LDAMDRW(Baseline):
+    """LDAM loss with deferred re-weighting (Cao et al. 2019), on a cosine classifier."""
+
+    name = "ldam_drw"
+    fixed_loss = "ldam"
+
+
+class FocalMethod(Baseline):
+    """Focal loss (Lin et al. 2017)."""
+
+    name = "focal"
+    fixed_loss = "focal"
+
+
+class LogitAdjustPosthoc(Baseline):
+    """Post-hoc logit adjustment (Menon et al. 2021): train normally, then subtract tau * log(prior)
+    from the logits, tau chosen on validation (no retraining; tau = 0 is the plain model)."""
+
+    name = "logit_adjust_posthoc"
+
+    def posthoc(self, model, val_logits, val_labels, info):
+        return posthoc.logit_adjust(model, val_logits, val_labels, info.train_counts)
+
+
+class TauNorm(Baseline):
+    """tau-normalised classifier (Kang et al. 2019): each class's classifier divided by its weight
+    norm to the power tau, tau chosen on validation (tau = 0 is the plain model)."""
+
+    name = "tau_norm"
+
+    def posthoc(self, model, val_logits, val_labels, info):
+        return posthoc.tau_normalise(model, val_logits, val_labels)
+
+
+class CRT(Baseline):
+    """Classifier re-training (Kang et al. 2019): train normally, then re-initialise the linear
+    classifier and train only it on frozen features with class-balanced sampling."""
+
+    name = "crt"
+
+    def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        m, optim = self.cfg.method, self.cfg.optim
+        retrain = Stage("crt", m.crt_epochs, "balanced", TRAIN_HEAD, m.crt_lr, optim.momentum, optim.weight_decay,
+                        max(1, m.crt_epochs), 1.0, build_loss(self.cfg.loss, info.train_counts), reset_head=True)
+        return [self._stage(info, "instance"), retrain]
 
 
 GROUP_NAMES = {2: ("head", "tail"), 3: ("head", "medium", "tail")}
@@ -111,14 +216,24 @@ class Split(LWS):
     `expert_mode=own`: each expert trains only on its group's images. `expert_mode=other`:
     each expert also learns an "other" label, fed each epoch with a fresh random draw of
     `other_size` (mean / min / max own-class count) images of the other groups. Each expert
-    uses LWS (`lws`, with `lws_mode`) like the paper, or plain cross-entropy.
+    uses LWS (`lws`, with `lws_mode`) like the paper, or plain training.
     """
 
     name = "split"
 
+    @property
+    def learn_scales(self) -> bool:
+        return self.cfg.split.lws
+
     def experts(self, info: ClassInfo) -> list[ExpertSpec]:
-        ranks = self.split.split_ranks()
-        split = validate_split_at(ranks if ranks is not None else default_split_at(info.num_classes, self.split.num_groups),
+        split_cfg = self.cfg.split
+        ranks = split_cfg.split_ranks()
+        if ranks is None and split_cfg.num_groups > info.num_classes:
+            from ltexp import LtexpError
+
+            raise LtexpError(f"--num-groups {split_cfg.num_groups} is more than the {info.num_classes} classes: "
+                             f"use at most {info.num_classes} groups")
+        split = validate_split_at(ranks if ranks is not None else default_split_at(info.num_classes, split_cfg.num_groups),
                                   info.num_classes)
         groups = info.group_of(split)
         names = GROUP_NAMES.get(len(split) + 1) or tuple(f"group{g}" for g in range(len(split) + 1))
@@ -127,22 +242,29 @@ class Split(LWS):
         for g, name in enumerate(names):
             owned = tuple(int(c) for c in order if groups[c] == g)
             counts = info.train_counts[list(owned)]
-            other_n = int({"mean": np.mean, "min": np.min, "max": np.max}[self.split.other_size](counts))
-            other = self.split.expert_mode == "other"
-            specs.append(ExpertSpec(name, owned, other, max(1, other_n) if other else 0))
+            other_n = int({"mean": np.mean, "min": np.min, "max": np.max}[split_cfg.other_size](counts))
+            # No more "other" images can be drawn per epoch than the other groups have.
+            other_n = min(max(1, other_n), int(info.train_counts.sum() - counts.sum()))
+            other = split_cfg.expert_mode == "other"
+            specs.append(ExpertSpec(name, owned, other, other_n if other else 0))
         return specs
 
-    def stages(self, optim: OptimConfig, expert: ExpertSpec | None = None) -> list[Stage]:
-        stages = LWS.stages(self, optim) if self.split.lws else Baseline.stages(self, optim)
-        if expert is not None and expert.other:
+    def fusion_rules(self, layout) -> list[str]:
+        chosen = self.cfg.split.fusion
+        return applicable_rules(layout) if chosen == "auto" else [chosen]
+
+    def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        stages = LWS.stages(self, info, spec) if self.cfg.split.lws else Baseline.stages(self, info, spec)
+        if spec is not None and spec.other:
             # The main stage draws every own image plus `other_per_epoch` "other" images.
-            stages[0] = replace(stages[0], sampler="other", sampler_options={"other_per_epoch": expert.other_per_epoch})
+            stages[0] = replace(stages[0], sampler="other", sampler_options={"other_per_epoch": spec.other_per_epoch})
         return stages
 
 
-METHODS = {m.name: m for m in (Baseline, Resample, LWS, Split)}
+METHODS = {m.name: m for m in (Baseline, Resample, LWS, Split, BalancedSoftmax, LogitAdjust, LDAMDRW, FocalMethod,
+                               LogitAdjustPosthoc, TauNorm, CRT)}
 
 
-def build_method(cfg: MethodConfig, split: SplitConfig | None = None):
-    """The method object named by `cfg.method` (`split` settings matter to the split method only)."""
-    return METHODS[cfg.method](cfg, split)
+def build_method(cfg: "RunConfig"):
+    """The method object named by `cfg.method.method`."""
+    return METHODS[cfg.method.method](cfg)

@@ -18,16 +18,37 @@ from torch import nn
 from ltexp import LtexpError
 
 
-class ScaledLinearHead(nn.Module):
-    """Linear classifier with learnable-or-frozen per-class weight scaling (LWS)."""
+HEADS = ("linear", "cosine")
+COSINE_SCALE = 30.0  # s of the cosine head: logits are s * cos, as LDAM's reference (Cao et al. 2019)
 
-    def __init__(self, in_features: int, num_classes: int, learn_scales: bool = False):
+
+class ScaledLinearHead(nn.Module):
+    """Linear classifier with learnable-or-frozen per-class weight scaling (LWS) and a fixed offset.
+
+    logits_c = s_c * (w_c . f + b_c) + o_c. `kind="cosine"` uses s * cos(f, w_c) instead of
+    w_c . f + b_c (LDAM's normalised classifier). The offset `o` is a buffer, zero unless a
+    post-hoc step (logit adjustment) sets it.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, learn_scales: bool = False, kind: str = "linear"):
         super().__init__()
-        self.linear = nn.Linear(in_features, num_classes)
+        if kind not in HEADS:
+            raise LtexpError(f"unknown head {kind!r}: allowed are {', '.join(HEADS)}")
+        self.kind = kind
+        self.linear = nn.Linear(in_features, num_classes, bias=kind == "linear")
         self.scales = nn.Parameter(torch.ones(num_classes), requires_grad=learn_scales)
+        self.register_buffer("offset", torch.zeros(num_classes))
+
+    def reset_classifier(self) -> None:
+        """Re-initialise the linear classifier (classifier re-training starts from scratch)."""
+        self.linear.reset_parameters()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features) * self.scales
+        if self.kind == "cosine":
+            raw = COSINE_SCALE * F.linear(F.normalize(features, dim=1), F.normalize(self.linear.weight, dim=1))
+        else:
+            raw = self.linear(features)
+        return raw * self.scales + self.offset
 
 
 class BasicBlock(nn.Module):
@@ -96,13 +117,14 @@ class Classifier(nn.Module):
     0..255 units, computed on the training set, and travel with the weights.
     """
 
-    def __init__(self, arch: str, in_channels: int, num_classes: int, mean, std, learn_scales: bool = False):
+    def __init__(self, arch: str, in_channels: int, num_classes: int, mean, std, learn_scales: bool = False,
+                 head: str = "linear"):
         super().__init__()
         if arch not in BODIES:
             raise LtexpError(f"unknown --model {arch!r}: allowed are {', '.join(BODIES)}")
         self.arch = arch
         self.body, self.num_features = BODIES[arch](in_channels)
-        self.head = ScaledLinearHead(self.num_features, num_classes, learn_scales)
+        self.head = ScaledLinearHead(self.num_features, num_classes, learn_scales, head)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -115,12 +137,13 @@ class Classifier(nn.Module):
 
 
 def build_model(arch: str, image_shape: tuple[int, int, int], num_classes: int, mean, std,
-                learn_scales: bool = False) -> Classifier:
-    """A `Classifier` for images of shape (H, W, C); `arch="auto"` picks by image size."""
+                learn_scales: bool = False, head: str = "linear") -> Classifier:
+    """A `Classifier` for images of shape (H, W, C); `arch="auto"` picks by image size; `head`
+    is `linear` or `cosine`."""
     height, _, channels = image_shape
     if arch == "auto":
         arch = "resnet18" if height >= 32 else "smallcnn"
-    return Classifier(arch, channels, num_classes, mean, std, learn_scales)
+    return Classifier(arch, channels, num_classes, mean, std, learn_scales, head)
 
 
 def channel_stats(images_nhwc) -> tuple[list[float], list[float]]:

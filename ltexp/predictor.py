@@ -60,10 +60,7 @@ class FusedPredictor:
 
     def log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Fused log-probabilities (N, K), label order."""
-        outputs = self.expert_outputs(images)
-        if len(self.experts) == 1 and not self.layout.has_other[0]:
-            return torch.log_softmax(outputs[0].float(), dim=1)
-        return fuse(self.fusion, outputs, self.layout, self.fusion_params)
+        return fuse(self.fusion, self.expert_outputs(images), self.layout, self.fusion_params)
 
     def predict(self, images_nhwc: np.ndarray, probabilities: bool = False):
         """Label, class name and score (fused probability of that label) per image, as a DataFrame."""
@@ -84,7 +81,7 @@ class FusedPredictor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         torch.save([{"arch": e.arch, "in_channels": int(e.mean.shape[1]), "num_outputs": e.head.linear.out_features,
-                     "mean": e.mean.flatten().tolist(), "std": e.std.flatten().tolist(),
+                     "head": e.head.kind, "mean": e.mean.flatten().tolist(), "std": e.std.flatten().tolist(),
                      "state_dict": {k: v.detach().cpu() for k, v in e.state_dict().items()}}
                     for e in self.experts], directory / "experts.pt")
         meta = {"ltexp_version": __version__, "fusion": self.fusion, "fusion_params": self.fusion_params,
@@ -100,11 +97,17 @@ class FusedPredictor:
         meta = json.loads((directory / "predictor.json").read_text())
         experts = []
         for saved in torch.load(directory / "experts.pt", map_location="cpu", weights_only=True):
-            model = Classifier(saved["arch"], saved["in_channels"], saved["num_outputs"], saved["mean"], saved["std"])
-            model.load_state_dict(saved["state_dict"])
+            model = Classifier(saved["arch"], saved["in_channels"], saved["num_outputs"], saved["mean"], saved["std"],
+                               head=saved.get("head", "linear"))
+            state = saved["state_dict"]
+            # Models saved before the head had an offset (post-hoc logit adjustment) have none: zero.
+            state.setdefault("head.offset", torch.zeros(saved["num_outputs"]))
+            model.load_state_dict(state)
             experts.append(model.to(device).eval())
         layout = ExpertLayout(tuple(tuple(c) for c in meta["owners"]), tuple(meta["has_other"]), len(meta["class_names"]))
-        return cls(experts, layout, meta["fusion"], tuple(meta["class_names"]), tuple(meta["image_shape"]),
+        # "none" was the name of one expert's identity rule before it became `concat`.
+        fusion = "concat" if meta["fusion"] == "none" else meta["fusion"]
+        return cls(experts, layout, fusion, tuple(meta["class_names"]), tuple(meta["image_shape"]),
                    meta["fusion_params"])
 
 

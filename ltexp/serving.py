@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 
+import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -37,7 +38,10 @@ class FusedExpertsModel(PythonModel):
             gc.collect()
             gc.freeze()
 
-    def predict(self, context, model_input, params=None):
+    # The hint declares the usual input (uint8 images, N x H x W x C); a DataFrame of encoded
+    # images is accepted too. A numpy hint tells MLflow not to infer a schema from it: the model
+    # validates both forms itself (`to_image_batch`), with messages that name the problem.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None):
         from ltexp.predictor import InvalidInput, to_image_batch
 
         try:

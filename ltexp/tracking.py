@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import warnings
 from contextlib import contextmanager
@@ -17,15 +18,12 @@ from typing import Any, Iterator
 
 # Artifact download progress bars would interleave with ltexp's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# MLflow warns, for every PythonModel without type hints (its own included), that type hints would
-# enable input validation; ltexp's model accepts two input forms and validates them itself.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import ltexp  # noqa: E402
-from ltexp.config import RunConfig, flatten, to_dict
+from ltexp.config import RunConfig, to_dict, used_settings
 from ltexp.metrics import finite
 
 ERROR_TAG = "ltexp.error"
@@ -36,6 +34,7 @@ MODEL_REQUIREMENTS = ["torch>=2.4,<3", "numpy>=1.24", "pandas>=2", "pillow>=9", 
 # "auto" there cannot be overwritten (MLflow params are immutable), so the value actually used
 # is logged beside it under this suffix.
 RESOLVED_SUFFIX = ".resolved"
+DEFAULT_EXPERIMENT = "ltexp"
 
 
 def git_commit() -> str | None:
@@ -65,8 +64,21 @@ def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     return tags
 
 
+def param_value(value: Any) -> str:
+    """How a setting is written as an MLflow param: booleans as true/false, everything else as str."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def _same_value(logged: str, value: Any) -> bool:
-    """Whether a param `mlflow run` logged as text means `value` ("0.01" == 0.01, "true" == True)."""
+    """Whether a param `mlflow run` logged as text means `value` ("0.01" == 0.01, "true" == True).
+
+    `mlflow run` shell-quotes what it logs (`'0.5*val_acc'`), so the text is unquoted first.
+    """
+    try:
+        words = shlex.split(logged)
+        logged = words[0] if len(words) == 1 else logged
+    except ValueError:
+        pass
     if isinstance(value, bool):
         return logged.strip().lower() in (("true", "1", "yes", "on") if value else ("false", "0", "no", "off"))
     if isinstance(value, (int, float)):
@@ -82,6 +94,20 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
+    """A readable run name: `split·cifar100·exp0.01·s0` (`tune·digits·exp0.01` for a study)."""
+    dataset = cfg.data.dataset
+    if dataset.startswith("folder:"):
+        dataset = "folder:" + (Path(dataset[len("folder:"):]).name or dataset[len("folder:"):])
+    parts = [cfg.method.method if role != "tune" else "tune", dataset, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}"]
+    return "·".join(parts + ([f"s{cfg.seed}"] if role != "tune" else []))
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    """--experiment, else $MLFLOW_EXPERIMENT_NAME (MLflow's own convention), else `ltexp`."""
+    return cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
 class Run:
     """Handle on the active MLflow run, with the logging calls the experiment needs."""
 
@@ -92,8 +118,9 @@ class Run:
         self.status = "FINISHED"
 
     def log_config(self, cfg: RunConfig) -> None:
-        """All resolved config fields as params, plus `config.json`."""
-        self.log_params(flatten(cfg))
+        """The settings this run's method uses as params (`config.used_settings`: no `sampling`
+        on a baseline run, no empty values), plus every resolved field in `config.json`."""
+        self.log_params({k: v for k, v in used_settings(cfg).items() if v != ""})
         mlflow.log_dict(to_dict(cfg), "config.json")
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -103,9 +130,9 @@ class Run:
         out = {}
         for key, value in params.items():
             if key not in existing:
-                out[key] = value
+                out[key] = param_value(value)
             elif not _same_value(existing[key], value):
-                out[key + RESOLVED_SUFFIX] = value
+                out[key + RESOLVED_SUFFIX] = param_value(value)
         mlflow.log_params(out)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -116,8 +143,8 @@ class Run:
         values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
         mlflow.log_metrics(finite(values), step=int(record["epoch"]), synchronous=False)
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(finite(metrics))
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics(finite(metrics), step=step)
 
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)
@@ -193,9 +220,13 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
     The error's one-line message is kept as the `ltexp.error` tag, and everything logged before
     the error stays in the run.
     """
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(cfg.tracking.experiment)
-    with _guarded(mlflow.start_run(run_name=cfg.tracking.run_name or None)) as run:
+    name = cfg.tracking.run_name or default_run_name(cfg, role)
+    existing = os.environ.get("MLFLOW_RUN_ID")
+    if not existing:
+        mlflow.set_experiment(experiment_name(cfg))
+    with _guarded(mlflow.start_run(run_name=None if existing else name)) as run:
+        if existing:  # `mlflow run` gave the run a random name; a readable one replaces it
+            MlflowClient().update_run(run.run_id, name=name)
         mlflow.set_tags(run_tags(cfg, role))
         yield run
 
@@ -205,7 +236,7 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
     """The study's parent run (role `tune`): the `mlflow run` one, else the run of an earlier
     session of the same study (resumed), else a new one."""
     # Taken out of the environment as mlflow.start_run() does, so nested trial runs are new runs.
-    run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
+    launched = run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
     if run_id is None and previous_run_id:
         try:
             MlflowClient().get_run(previous_run_id)
@@ -213,9 +244,12 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the study outlived its tracking store: start a new parent run
     if run_id is None:
-        mlflow.set_experiment(cfg.tracking.experiment)
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.tracking.run_name or f"tune-{study_name}"))
+        mlflow.set_experiment(experiment_name(cfg))
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.tracking.run_name or
+                                                                          default_run_name(cfg, "tune")))
     with _guarded(active) as run:
+        if launched:  # `mlflow run` gave the run a random name
+            MlflowClient().update_run(run.run_id, name=cfg.tracking.run_name or default_run_name(cfg, "tune"))
         mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name})
         yield run
 

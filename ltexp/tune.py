@@ -318,7 +318,6 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
         counts = _state_counts(study)
         parent.log_metrics({"best_value": best.value, "trials_complete": counts.get("COMPLETE", 0),
                             "trials_pruned": counts.get("PRUNED", 0), "trials_failed": counts.get("FAIL", 0),
-                            "experts_trained": objective.cache.misses, "experts_reused": objective.cache.hits,
                             "study_wall_s": study_wall,
                             "overhead_s_per_trial": sum(objective.overhead_s) / max(1, len(objective.overhead_s)),
                             "overhead_fraction": (sum(objective.overhead_s) + study_wall - sum(objective.trial_s))
@@ -331,6 +330,8 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
                           | {"best.trial_number": best.number, "best.split_at": best_cfg.split.split_at,
                              "best.fusion": best_cfg.split.fusion, "best.clip_norm": best_cfg.optim.clip_norm})
         result = execute(best_cfg, parent, prep, cache=objective.cache, expert_runs=False)
+        # Counted after the test evaluation, whose experts come from the cache too: what is printed.
+        parent.log_metrics({"experts_trained": objective.cache.misses, "experts_reused": objective.cache.hits})
         tracking.flush()
         name = tune.model_name or f"ltexp-{base.data.dataset}"
         data_key = "|".join(str(getattr(base.data, f)) for f in ("dataset", "imb_type", "imb_factor", "val_source",
@@ -360,13 +361,21 @@ def log_plots(run: tracking.Run, study: optuna.Study) -> None:
 
     from ltexp import plots
 
+    # Parameters that took one value in every complete trial (e.g. `clip` when every trial clipped)
+    # carry no information and make Optuna warn: the per-parameter plots leave them out.
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    varying = sorted({k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1})
     for name in ("optimization_history", "param_importances", "slice", "contour", "intermediate_values"):
+        kwargs = {"params": varying} if name in ("param_importances", "slice", "contour") else {}
         try:
+            if name in ("slice", "contour", "param_importances") and len(varying) < (2 if name == "contour" else 1):
+                raise ValueError(f"needs {'two parameters' if name == 'contour' else 'a parameter'} that varied "
+                                 f"across complete trials (varied: {', '.join(varying) or 'none'})")
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna's matplotlib backend is marked experimental
-                figure = getattr(vis, f"plot_{name}")(study)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib backend
+                figure = getattr(vis, f"plot_{name}")(study, **kwargs)
                 run.log_text(figure.to_html(include_plotlyjs="cdn"), f"optuna/{name}.html")
-                axes = getattr(vis_mpl, f"plot_{name}")(study)
+                axes = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
             fig = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
             fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 5))
             run.log_figure(fig, f"optuna/{name}.png")

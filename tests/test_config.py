@@ -28,7 +28,7 @@ def test_flatten_uses_flag_names():
     (lambda: DataConfig(imb_factor=1.5), r"--imb-factor 1.5 is outside \(0, 1\]"),
     (lambda: DataConfig(imb_type="linear"), "unknown --imb-type 'linear': allowed are exp, step"),
     (lambda: DataConfig(val_source="test"), "unknown --val-source 'test'"),
-    (lambda: MethodConfig(method="focal"), "unknown --method 'focal': allowed are baseline, resample, lws"),
+    (lambda: MethodConfig(method="mixup"), "unknown --method 'mixup': allowed are baseline, resample, lws"),
     (lambda: OptimConfig(epochs=0), "--epochs 0 must be >= 1"),
     (lambda: OptimConfig(clip_norm=-1), "--clip-norm -1 must be >= 0"),
 ])

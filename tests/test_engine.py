@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ltexp import LtexpError
-from ltexp.config import MethodConfig, OptimConfig
+from ltexp.config import LossConfig, MethodConfig, OptimConfig, RunConfig
 from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages, build_augment
 from ltexp.data.sources import load_digits_source
@@ -28,9 +28,15 @@ def _setup(data, arch="smallcnn"):
     return model, train, val
 
 
+def _stages(method_cfg, optim, info, loss="ce", **loss_options):
+    """The stages a method gives one model trained on classes with `info`'s counts."""
+    cfg = RunConfig(optim=optim, method=method_cfg, loss=LossConfig(loss=loss, **loss_options))
+    return build_method(cfg).stages(info)
+
+
 def _fit(model, train, val, data, method_cfg, epochs=3, **kw):
     optim = OptimConfig(epochs=epochs, batch_size=64, lr=0.05, lr_step=100)
-    stages = build_method(method_cfg).stages(optim)
+    stages = _stages(method_cfg, optim, data.info)
     return fit(model, train, val, stages, data.info, batch_size=64, clip_norm=kw.pop("clip_norm", 0.0),
                augment=build_augment("crop", 8), seed=0, **kw)
 
@@ -74,8 +80,8 @@ def test_resampling_changes_class_frequencies_seen(digits, sampling):
 
 def test_lws_decoupled_changes_only_the_scales(digits):
     model, train, val = _setup(digits)
-    method = build_method(MethodConfig("lws", lws_mode="decoupled", lws_epochs=3, lws_lr=0.5))
-    stages = method.stages(OptimConfig(epochs=2, lr=0.05, lr_step=100))
+    stages = _stages(MethodConfig("lws", lws_mode="decoupled", lws_epochs=3, lws_lr=0.5),
+                     OptimConfig(epochs=2, lr=0.05, lr_step=100), digits.info)
     assert [s.trainable for s in stages][-1] == TRAIN_SCALES and stages[-1].sampler == "balanced"
     fit(model, train, val, stages[:1], digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -91,7 +97,7 @@ def test_lws_joint_learns_scales_with_the_network(digits):
     model, train, val = _setup(digits)
     _fit(model, train, val, digits, MethodConfig("lws", lws_mode="joint"), epochs=2)
     assert not torch.allclose(model.head.scales.detach(), torch.ones(10))
-    assert len(build_method(MethodConfig("lws", lws_mode="joint")).stages(OptimConfig())) == 1
+    assert len(_stages(MethodConfig("lws", lws_mode="joint"), OptimConfig(), digits.info)) == 1
 
 
 def test_baseline_keeps_scales_at_one(digits):
@@ -105,8 +111,8 @@ def test_gradient_clipping_bounds_the_update(digits):
     model, train, val = _setup(digits)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
     optim = OptimConfig(epochs=1, batch_size=len(train), lr=1.0, weight_decay=0.0, lr_step=10)
-    stages = build_method(MethodConfig("baseline")).stages(optim)
-    stages = [type(stages[0])(**{**stages[0].__dict__, "weight_decay": 0.0})]
+    stages = _stages(MethodConfig("baseline"), optim, digits.info)
+    stages = [type(stages[0])(**{**stages[0].__dict__, "weight_decay": 0.0, "momentum": 0.0})]
     fit(model, train, val, stages, digits.info, batch_size=len(train), clip_norm=0.5,
         augment=build_augment("none", 8), seed=0)
     moved = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]) - start
@@ -117,7 +123,7 @@ def test_non_finite_loss_is_a_clear_error(digits):
     model, train, val = _setup(digits)
     with pytest.raises(LtexpError, match=r"training loss is nan in stage 'train' epoch 1: lower --lr"):
         optim = OptimConfig(epochs=2, batch_size=64, lr=1e30, lr_step=100)
-        fit(model, train, val, build_method(MethodConfig("baseline")).stages(optim), digits.info,
+        fit(model, train, val, _stages(MethodConfig("baseline"), optim, digits.info), digits.info,
             batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
 
 
@@ -129,3 +135,46 @@ def test_every_model_has_features_and_head(arch, shape):
     assert features.shape == (2, model.num_features)
     assert torch.allclose(model.head(features), model(images))
     assert model(images).shape == (2, 7)
+
+
+def test_momentum_is_the_one_configured(digits):
+    """--momentum reaches SGD: 0.5 and 0.9 train different weights from the same start."""
+    weights = []
+    for momentum in (0.5, 0.9):
+        model, train, val = _setup(digits)
+        optim = OptimConfig(epochs=1, batch_size=64, lr=0.05, lr_step=100, momentum=momentum)
+        stages = _stages(MethodConfig("baseline"), optim, digits.info)
+        assert stages[0].momentum == momentum
+        fit(model, train, val, stages, digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+        weights.append(model.head.linear.weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])
+
+
+def test_crt_retrains_only_a_fresh_classifier(digits):
+    model, train, val = _setup(digits)
+    stages = _stages(MethodConfig("crt", crt_epochs=2), OptimConfig(epochs=2, lr=0.05, lr_step=100), digits.info)
+    assert [s.name for s in stages] == ["train", "crt"] and stages[1].reset_head and stages[1].sampler == "balanced"
+    fit(model, train, val, stages[:1], digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, train, val, stages[1:], digits.info, batch_size=64, clip_norm=0, augment=build_augment("crop", 8), seed=0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"head.linear.weight", "head.linear.bias"}  # body and BatchNorm statistics frozen
+
+
+def test_stage_loss_is_what_the_engine_minimises(digits):
+    """The engine calls the stage's loss: LDAM (cosine head, margins) reports a larger loss than CE
+    on the same first batch, and its DRW weights switch on at --drw-epoch."""
+    optim = OptimConfig(epochs=3, batch_size=64, lr=0.05, lr_step=100)
+    ldam = _stages(MethodConfig("baseline"), optim, digits.info, "ldam", drw_epoch=2)[0].loss
+    ldam.start_epoch(1)
+    assert ldam.weight is None
+    ldam.start_epoch(2)
+    assert ldam.weight is not None and ldam.weight[-1] > ldam.weight[0]
+    losses = {}
+    for name in ("ce", "balanced_softmax"):
+        model, train, val = _setup(digits)
+        stages = _stages(MethodConfig("baseline"), OptimConfig(epochs=1, batch_size=64, lr=0.05, lr_step=100), digits.info,
+                         name)
+        losses[name] = fit(model, train, val, stages, digits.info, batch_size=64, clip_norm=0,
+                           augment=build_augment("crop", 8), seed=0).history[0]["train_loss"]
+    assert losses["ce"] != losses["balanced_softmax"]

@@ -17,6 +17,8 @@ import mlflow
 import optuna
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def _pg_bin() -> Path | None:
     found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))

@@ -18,6 +18,8 @@ from PIL import Image
 
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e
+
 
 def _free_port() -> int:
     with socket.socket() as s:

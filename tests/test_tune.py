@@ -15,6 +15,8 @@ from ltexp import LtexpError
 from ltexp.config import TuneConfig, resolve_config
 from ltexp.tune import parse_objective, run_study
 
+pytestmark = pytest.mark.e2e
+
 FAST = {"optim": {"epochs": 3}, "method": {"lws_epochs": 1}}
 
 

@@ -66,6 +66,9 @@ class CropFlip:
         return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+AUGMENTS = ("crop_flip", "crop", "none")
+
+
 def build_augment(name: str, image_size: int) -> CropFlip:
     """`crop_flip` (CIFAR's standard), `crop` (for digits, where a flip changes the class) or `none`.
 

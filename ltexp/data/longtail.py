@@ -15,6 +15,9 @@ import numpy as np
 from ltexp import LtexpError
 from ltexp.data.sources import ImageSource
 
+IMB_TYPES = ("exp", "step")
+# holdout: balanced validation from training images the long tail left out; paper: 9:1 split of test.
+VAL_SOURCES = ("holdout", "paper")
 # Shot boundaries in training images per class (Liu et al. 2019, OLTR): many > 100, few < 20.
 MANY_SHOT_MIN = 101
 FEW_SHOT_MAX = 19

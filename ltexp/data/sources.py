@@ -123,7 +123,7 @@ def load_cifar_source(name: str, data_dir: str | Path, download: bool = True) ->
     needed = [*layout.train_files, layout.test_file, layout.meta_file]
     if not all((folder / f).is_file() for f in needed):
         if not download:
-            raise LtexpError(_missing_cifar_message(name, layout, folder, "downloads are off (--no-download)"))
+            raise LtexpError(_missing_cifar_message(name, layout, folder, "downloads are off (--download false)"))
         try:
             from torchvision.datasets.utils import download_and_extract_archive
 
@@ -189,6 +189,10 @@ def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
     test_images, test_labels, _ = _read_folder_split(root / "test", image_size, names)
     return ImageSource(f"folder:{root}", train_images, train_labels, test_images, test_labels, names,
                        balanced=False)
+
+
+# Named data sets; any other dataset is "folder:<path>" (an image-folder tree).
+DATASETS = ("digits", *CIFAR)
 
 
 def load_source(dataset: str, data_dir: str = "data", image_size: int = 32, download: bool = True) -> ImageSource:

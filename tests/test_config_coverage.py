@@ -1,0 +1,136 @@
+"""Logged = used: every config field either changes what is trained or evaluated, or is on the
+documented bookkeeping list (config.BOOKKEEPING_FIELDS).
+
+For each field the test trains tiny models twice, with the field at a base value and at another,
+and compares a fingerprint of everything training produced: the long-tailed data, the stages, the
+experts' weights (post-hoc step included) and the fusion rules the method may choose from.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_cifar_archive
+from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, resolve_config, setting_fields, used_settings
+from ltexp.experiment import build_experts, prepare, train_expert
+
+# field -> (base settings, the field's other value); base settings make the field apply.
+DIGITS = {"epochs": 1, "batch_size": 128}
+TWO = {"epochs": 2}  # for settings that act from the second epoch on
+CASES = {
+    "dataset": ({"imb_factor": 0.1}, "cifar10"),
+    "data_dir": ({"dataset": "cifar10", "imb_factor": 0.1}, "other"),
+    "imb_type": ({}, "step"),
+    "imb_factor": ({}, 0.1),
+    "val_source": ({}, "paper"),
+    "val_per_class": ({}, 10),
+    "image_size": ({"dataset": "folder", "imb_factor": 0.5}, 12),
+    "augment": ({}, "none"),
+    "data_seed": ({}, 1),
+    "model": ({}, "resnet32"),
+    "epochs": ({}, 2),
+    "batch_size": ({}, 64),
+    "lr": ({}, 0.01),
+    "momentum": ({}, 0.5),
+    "weight_decay": ({}, 0.01),
+    "lr_step": ({**TWO, "lr_gamma": 0.1}, 1),
+    "lr_gamma": ({**TWO, "lr_step": 1}, 0.5),
+    "clip_norm": ({}, 0.01),
+    "method": ({}, "resample"),
+    "sampling": ({"method": "resample"}, "under"),
+    "lws_mode": ({"method": "lws"}, "joint"),
+    "lws_epochs": ({"method": "lws", "lws_mode": "decoupled"}, 2),
+    "lws_lr": ({"method": "lws", "lws_mode": "decoupled"}, 0.5),
+    "crt_epochs": ({"method": "crt"}, 2),
+    "crt_lr": ({"method": "crt"}, 0.5),
+    "loss": ({}, "focal"),
+    "tau": ({"loss": "logit_adjust"}, 2.0),
+    "ldam_max_margin": ({"loss": "ldam"}, 0.2),
+    "ldam_scale": ({"loss": "ldam"}, 10.0),
+    "drw_epoch": ({"loss": "ldam"}, 0),
+    "drw_beta": ({"loss": "ldam", "drw_epoch": 1}, 0.99),
+    "focal_gamma": ({"loss": "focal"}, 3.0),
+    "num_groups": ({"method": "split"}, 3),
+    "split_at": ({"method": "split"}, "3"),
+    "expert_mode": ({"method": "split"}, "other"),
+    "other_size": ({"method": "split", "expert_mode": "other"}, "min"),
+    "fusion": ({"method": "split"}, "concat"),
+    "lws": ({"method": "split"}, False),
+    "seed": ({}, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coverage")
+    write_cifar_archive(root / "cifar", "cifar10", 30, 5, seed=0)
+    write_cifar_archive(root / "other", "cifar10", 30, 5, seed=1)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 6)):
+        for k, name in enumerate(("a", "b", "c")):
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(60 + 70 * k, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _config(settings: dict, data_dirs: Path) -> RunConfig:
+    sections: dict = {"optim": dict(DIGITS), "data": {"augment": "crop"}}
+    settings = dict(settings)
+    for name, value in settings.items():
+        if name == "dataset":
+            value = f"folder:{data_dirs / 'images'}" if value == "folder" else value
+            sections["data"]["data_dir"] = str(data_dirs / "cifar")
+            sections["model"] = {"model": "smallcnn"}
+            if value == "cifar10":
+                sections["data"]["val_per_class"] = 5
+        if name == "data_dir":
+            value = str(data_dirs / value)
+        if name == "seed":
+            continue
+        section = next(sec for sec, cls in (("data", "DataConfig"), ("model", "ModelConfig"), ("optim", "OptimConfig"),
+                                            ("method", "MethodConfig"), ("loss", "LossConfig"), ("split", "SplitConfig"))
+                       if name in __import__("ltexp.config", fromlist=[cls]).__dict__[cls].__dataclass_fields__)
+        sections.setdefault(section, {})[name] = value
+    return resolve_config(sections, seed=settings.get("seed", 0), device="cpu")
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """A digest of the data, the stages and the trained experts (weights after any post-hoc step)."""
+    torch.set_num_threads(1)
+    prep = prepare(cfg)
+    digest = hashlib.sha256()
+    for array in (prep.data.train_images, prep.data.train_labels, prep.data.val_labels, prep.data.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    method, specs, layout = build_experts(cfg, prep.data.info)
+    digest.update(repr(method.fusion_rules(layout)).encode())
+    for spec in specs:
+        model, result, _ = train_expert(cfg, method, spec, prep, None, False)
+        digest.update(repr([(s.name, s.epochs, s.sampler, s.lr, s.momentum, s.weight_decay) for s in
+                            method.stages(__import__("ltexp.experiment", fromlist=["x"]).expert_info(prep.data.info, spec),
+                                          spec)]).encode())
+        for value in model.state_dict().values():
+            digest.update(value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_every_field_is_covered_or_bookkeeping():
+    every = set(setting_fields(RunConfig()))
+    assert every == set(CASES) | set(BOOKKEEPING_FIELDS), "a new config field needs a case here or a bookkeeping reason"
+    assert not set(CASES) & set(BOOKKEEPING_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_field_changes_what_is_trained(name, data_dirs):
+    base_settings, other = CASES[name]
+    base = _config(base_settings, data_dirs)
+    changed = _config({**base_settings, name: other}, data_dirs)
+    assert name in used_settings(base) or name == "split_at"  # logged when it applies
+    assert name in used_settings(changed)
+    assert fingerprint(base) != fingerprint(changed), f"--{name} is logged but changes nothing"
