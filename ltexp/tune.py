@@ -76,12 +76,21 @@ def open_storage(url: str, heartbeat_s: int):
 
             path = url[len("journal:"):] if url.startswith("journal:") else url
             return optuna.storages.JournalStorage(JournalFileBackend(path))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True})
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                        engine_kwargs={"pool_pre_ping": True})
+            except Exception as exc:
+                # Workers started together on an empty database all create Optuna's tables; in
+                # PostgreSQL the losers fail with "duplicate key ... pg_type_typname_nsp_index" or
+                # "already exists" (optuna/optuna#1092). The tables exist by then: open again.
+                if attempt == 3 or not re.search(r"already exists|duplicate key", str(exc)):
+                    raise
+                time.sleep(0.5 + attempt)
     except Exception as exc:  # sqlalchemy, driver and OS errors all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LtexpError(f"cannot open Optuna storage {redact(url)}: {reason[:300]}") from None

@@ -240,6 +240,7 @@ def test_two_workers_share_one_study_through_the_authenticated_server(stack, use
     runs = _search_runs(stack, users["editor"], users["experiment_id"])
     parents = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "tune"]
     trial_runs = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "trial"]
+    print(f"{len(trials)} trials ({[t.state.name for t in trials]}), {len(parents)} parent run(s)")
     assert len(trial_runs) == len(trials)
     assert {r["data"]["tags"]["mlflow.parentRunId"] for r in trial_runs} <= {p["info"]["run_id"] for p in parents}
     for run in runs:  # the storage URL is logged with its password masked; no secret anywhere
@@ -267,6 +268,8 @@ def test_champion_loads_through_the_proxy_with_the_edit_users_login(stack, users
             monkeypatch.setenv(name, value)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "anon").mkdir()
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(stack.tracking_uri)
     try:
@@ -391,3 +394,26 @@ def test_dockerfile_installs_the_package_the_tests_use():
     assert "ARG TORCH_INDEX_URL=" in dockerfile  # CPU by default, CUDA wheels by build arg
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".env" in ignored  # secrets never reach the build context
+
+
+def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack, users):
+    """README's housekeeping: a deleted run stays until `mlflow gc` runs server-side."""
+    editor = users["editor"]
+    run = _api(stack, "POST", "2.0/mlflow/runs/create", editor, json={"experiment_id": users["experiment_id"]})
+    run_id = run.json()["run"]["info"]["run_id"]
+    r = requests.put(f"{stack.tracking_uri}/api/2.0/mlflow-artifacts/artifacts/{users['experiment_id']}/{run_id}"
+                     "/artifacts/note.txt", data=b"scratch", auth=editor, timeout=30)
+    assert r.status_code == 200, r.text
+    assert any(run_id in k for k in _bucket_keys(stack))
+    assert _api(stack, "POST", "2.0/mlflow/runs/delete", editor, json={"run_id": run_id}).status_code == 200
+    assert any(run_id in k for k in _bucket_keys(stack))  # deleting only marks the run
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=stack.s3_access_key, AWS_SECRET_ACCESS_KEY=stack.s3_secret_key,
+               MLFLOW_S3_ENDPOINT_URL=stack.s3_endpoint)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
+    gc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "gc", "--backend-store-uri",
+                         stack.db_url("mlflow"), "--artifacts-destination", f"s3://{native_stack.BUCKET}/artifacts",
+                         "--run-ids", run_id], env=env, capture_output=True, text=True, timeout=300)
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    assert not any(run_id in k for k in _bucket_keys(stack))
+    assert _api(stack, "GET", "2.0/mlflow/runs/get", editor, params={"run_id": run_id}).status_code == 404
