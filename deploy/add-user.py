@@ -4,7 +4,7 @@
 Uses only the tracking server's auth REST API, with the admin login from the environment:
 
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=... \\
-    NEW_USER_PASSWORD=... python deploy/add-user.py alice --experiment ltexp --permission EDIT
+    NEW_USER_PASSWORD=... python deploy/add-user.py alice --experiment ltexp --model ltexp-digits --permission EDIT
 
 Permissions: READ (see), USE, EDIT (log runs, register models), MANAGE (also delete and grant),
 NO_PERMISSIONS. docker-compose.yml runs it once (service `users`) for the workers' login.
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("username")
     parser.add_argument("--experiment", help="experiment name to grant on (created when missing)")
+    parser.add_argument("--model", action="append", default=[],
+                        help="registered model name to grant on as well (repeatable; it may not exist yet)")
     parser.add_argument("--permission", default="EDIT", help="READ, USE, EDIT, MANAGE or NO_PERMISSIONS (default EDIT)")
     parser.add_argument("--password-env", default="NEW_USER_PASSWORD",
                         help="environment variable holding the new user's password (default NEW_USER_PASSWORD)")
@@ -87,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{body.get('message', body)}", file=sys.stderr)
             return 1
         print(f"granted {args.permission} on experiment {args.experiment} ({experiment_id}) to {args.username}")
+    for model in args.model:
+        status, body = call("POST", "3.0/mlflow/users/permissions/grant",
+                            {"username": args.username, "resource_type": "registered_model", "resource_id": model,
+                             "permission": args.permission})
+        if status != 200:
+            print(f"add-user: error: cannot grant {args.permission} on model {model!r}: HTTP {status} "
+                  f"{body.get('message', body)}", file=sys.stderr)
+            return 1
+        print(f"granted {args.permission} on registered model {model} to {args.username}")
     return 0
 
 

@@ -70,7 +70,7 @@ def _run(cmd: list[str], **kwargs) -> None:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
     """SIGTERM the process group this module started (the server and its workers), then SIGKILL."""
     if proc.poll() is not None:
         return
@@ -166,7 +166,7 @@ def seaweedfs(root: Path, access_key: str, secret_key: str, bucket: str = BUCKET
         _wait(lambda: s3.head_bucket(Bucket=bucket) is not None, proc, "weed mini", log, 60)
         yield endpoint
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @dataclass
@@ -227,7 +227,7 @@ def mlflow_server(stack: Stack, port: int, workers: int = 2, python: str = sys.e
         _wait(healthy, proc, "mlflow server", log, 180)
         yield proc
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager

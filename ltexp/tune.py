@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,6 +269,32 @@ def _state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+PARENT_RUN_ATTR = "ltexp.mlflow_run_id"
+
+
+def _parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 300.0) -> str | None:
+    """The MLflow run id of the study's parent run, or None when this worker is to create it.
+
+    Workers started together (`docker compose up --scale worker=N`) would each create a parent
+    run. The first to find the study without one writes a claim token, re-reads it after
+    `grace_s` (the last writer wins, and every worker sees the same winner), and only the
+    winner creates the run; the others wait for its run id (at most `wait_s`, then create their own).
+    """
+    value = study.user_attrs.get(PARENT_RUN_ATTR)
+    if value is None:
+        token = f"claim:{uuid.uuid4().hex}"
+        study.set_user_attr(PARENT_RUN_ATTR, token)
+        time.sleep(grace_s)
+        value = study.user_attrs.get(PARENT_RUN_ATTR)
+        if value == token:
+            return None
+    deadline = time.monotonic() + wait_s
+    while value.startswith("claim:") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        value = study.user_attrs.get(PARENT_RUN_ATTR)
+    return None if value.startswith("claim:") else value
+
+
 def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     """Create or resume the study, run the missing trials, evaluate the best once on test,
     log and register its model, and promote it to `champion` only if it beats the champion."""
@@ -304,21 +331,27 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     if saved is None:
         study.set_user_attr("ltexp.search_space", json.loads(json.dumps(settings, default=str)))
 
-    with tracking.start_tune_run(base, study_name, study.user_attrs.get("ltexp.mlflow_run_id")) as parent:
-        if "ltexp.mlflow_run_id" not in study.user_attrs:
-            study.set_user_attr("ltexp.mlflow_run_id", parent.run_id)
+    with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent:
+        recorded = study.user_attrs.get(PARENT_RUN_ATTR)
+        if recorded is None or recorded.startswith("claim:"):
+            study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
             parent.log_params({"study_name": study_name, "storage": redact(storage_url), "sampler": tune.sampler,
                                "pruner": tune.pruner, "metric": tune.metric, "n_trials": tune.n_trials,
                                "search_space": json.dumps(description), **{k: v for k, v in base.data.__dict__.items()},
                                "model": base.model.model, "epochs": base.optim.epochs, "seed": base.seed})
         objective = Objective(base, space, terms, prep, parent)
-        done = sum(n for state, n in _state_counts(study).items() if state in ("COMPLETE", "PRUNED"))
-        remaining = max(0, tune.n_trials - done)
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and retried) first
+        counts = _state_counts(study)
+        # Trials other workers are running count as done, so that workers sharing the study stop
+        # at n_trials instead of each finishing one more (optuna/optuna#3518).
+        remaining = max(0, tune.n_trials - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)
+                        - counts.get("RUNNING", 0))
         started = time.perf_counter()
         if remaining:
             study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
                            callbacks=[optuna.study.MaxTrialsCallback(
-                               tune.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
+                               tune.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                                      optuna.trial.TrialState.RUNNING))])
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:

@@ -11,13 +11,13 @@ so a missing one fails there instead of skipping.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,13 @@ COMPOSE = REPO / "docker-compose.yml"
 SERVICES = ("postgres", "seaweedfs", "mlflow", "optuna-dashboard", "worker", "serve")
 EXPERIMENT = "team"
 MODEL = "ltexp-digits"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    import yaml
+
+    return yaml.safe_load(COMPOSE.read_text())
 
 
 def _missing(what: str) -> None:
@@ -111,9 +118,9 @@ def _bucket_keys(stack) -> list[str]:
     return keys
 
 
-def _leaks(stack, users, run) -> list[str]:
+def _leaks(stack, users, run, *more: str) -> list[str]:
     """Secrets found in a run's params or tags."""
-    secret_values = stack.secrets() + [users["editor"][1], users["reader"][1]]
+    secret_values = stack.secrets() + [users["editor"][1], users["reader"][1], *more]
     texts = [f"{k}={v}" for k, v in {**run["data"].get("params", {}), **run["data"].get("tags", {})}.items()]
     return [t for t in texts for s in secret_values if s in t]
 
@@ -205,26 +212,60 @@ def test_read_only_user_can_read_but_gets_403_on_writes(stack, users, trained):
     assert "sneaky" not in {p["key"] for p in after["data"].get("params", [])}
 
 
+def _compose_run(service: dict, variables: dict[str, str], stack) -> tuple[list[str], dict[str, str]]:
+    """A compose service's command line and environment as `docker compose` runs them: `.env`
+    `variables` interpolated (`${X}`, `${X:-d}`, `${X:?m}`, `${X:+v}`, `$$`), the service names
+    replaced by the native stack's loopback addresses."""
+    pg_host = stack.postgres.rsplit("@", 1)[1]
+
+    def interpolate(text: str) -> str:
+        def value(m: re.Match) -> str:
+            var, op, arg = m.group(1), m.group(2), m.group(3) or ""
+            got = variables.get(var, "")
+            if op == ":?":
+                assert got, f"compose would refuse to start: {arg}"
+            return {":-": got or arg, ":+": arg if got else ""}.get(op, got)
+
+        text = re.sub(r"(?<!\$)\$\{([A-Z0-9_]+)(?:(:[-?+])([^}]*))?\}", value, str(text)).replace("$$", "$")
+        return (text.replace("@postgres:5432/", f"@{pg_host}/").replace("http://mlflow:5000", stack.tracking_uri)
+                .replace("/deploy/", f"{REPO}/deploy/"))
+
+    argv = [interpolate(a) for a in [*service.get("entrypoint", []), *service.get("command", [])]]
+    env = {k: interpolate(v) for k, v in service.get("environment", {}).items()}
+    return argv, env
+
+
 @pytest.fixture(scope="module")
-def tuned(stack, users, trained, tmp_path_factory):
-    """Two `ltexp tune` workers started together on one PostgreSQL study, as
-    `docker compose up --scale worker=2` does, logging through the authenticated server."""
+def tuned(stack, users, trained, compose, tmp_path_factory):
+    """docker-compose.yml's `users` service, then two of its `worker`s started together on one
+    PostgreSQL study (`docker compose up --scale worker=2`), run natively: the compose commands
+    and environments themselves, logging through the authenticated server."""
     n_trials = 4
-    storage = stack.db_url("optuna")
+    variables = {"POSTGRES_USER": "ltexp", "POSTGRES_PASSWORD": stack.postgres.split(":")[1].split("@")[0],
+                 "MLFLOW_ADMIN_USERNAME": stack.admin_username, "MLFLOW_ADMIN_PASSWORD": stack.admin_password,
+                 "LTEXP_USERNAME": "worker", "LTEXP_PASSWORD": "worker-" + os.urandom(8).hex(),
+                 "LTEXP_DATASET": "digits", "LTEXP_EXPERIMENT": EXPERIMENT, "LTEXP_STUDY": "team",
+                 "LTEXP_N_TRIALS": str(n_trials), "LTEXP_TUNE_ARGS": "--epochs 2 --lws-epochs 1 --pruner none",
+                 "LTEXP_WORKER_THREADS": "1"}
+    base_env = _client_env(stack, ("", ""), REPO)
+    argv, env = _compose_run(compose["services"]["users"], variables, stack)
+    made = subprocess.run(argv, env={**base_env, **env}, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "created user worker" in made.stdout and "granted EDIT on registered model ltexp-digits" in made.stdout
+    argv, env = _compose_run(compose["services"]["worker"], variables, stack)
+    assert argv[:2] == ["sh", "-c"] and "--storage" in argv[2]
     procs = []
     for i in range(2):
         cwd = tmp_path_factory.mktemp(f"worker{i}")
-        cmd = [sys.executable, "-m", "ltexp", "tune", "--dataset", "digits", "--n-trials", str(n_trials),
-               "--epochs", "2", "--lws-epochs", "1", "--pruner", "none", "--storage", storage,
-               "--study-name", "team", "--experiment", EXPERIMENT, "--seed", str(i)]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_client_env(stack, users["editor"], cwd),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(argv, cwd=cwd, env={**base_env, **env}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
         outputs.append(out)
-    return {"n_trials": n_trials, "storage": storage, "outputs": outputs}
+    return {"n_trials": n_trials, "storage": env["LTEXP_STORAGE"], "outputs": outputs,
+            "login": (variables["LTEXP_USERNAME"], variables["LTEXP_PASSWORD"]), "variables": variables}
 
 
 def test_two_workers_share_one_study_through_the_authenticated_server(stack, users, tuned):
@@ -233,18 +274,20 @@ def test_two_workers_share_one_study_through_the_authenticated_server(stack, use
     trials = optuna.load_study(study_name="team", storage=tuned["storage"]).get_trials()
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     n = tuned["n_trials"]
-    # Optuna's MaxTrialsCallback stops a worker once n trials are done; a worker that was already
-    # running a trial then finishes it (at most workers - 1 extra; optuna/optuna#3518).
-    assert n <= len(done) <= n + 1, [t.state.name for t in trials]
+    # Exactly n: a worker counts the trials the others are running before it starts another.
+    assert len(done) == n == len(trials), [t.state.name for t in trials]
     assert len({t.number for t in trials}) == len(trials)
     runs = _search_runs(stack, users["editor"], users["experiment_id"])
     parents = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "tune"]
     trial_runs = [r for r in runs if r["data"]["tags"].get("ltexp.role") == "trial"]
     print(f"{len(trials)} trials ({[t.state.name for t in trials]}), {len(parents)} parent run(s)")
     assert len(trial_runs) == len(trials)
-    assert {r["data"]["tags"]["mlflow.parentRunId"] for r in trial_runs} <= {p["info"]["run_id"] for p in parents}
+    # Started together, the workers still agree on one parent run (the study's claim), and
+    # every trial run is nested under it, in the team experiment.
+    assert len(parents) == 1
+    assert {r["data"]["tags"]["mlflow.parentRunId"] for r in trial_runs} == {parents[0]["info"]["run_id"]}
     for run in runs:  # the storage URL is logged with its password masked; no secret anywhere
-        assert _leaks(stack, users, run) == [], run["info"]["run_id"]
+        assert _leaks(stack, users, run, tuned["login"][1]) == [], run["info"]["run_id"]
     assert any(p["data"]["params"].get("storage", "").startswith("postgresql+psycopg://ltexp:***@") for p in parents)
 
     # One champion: the alias names exactly one version, a tuned one (the trained model stays @candidate).
@@ -258,6 +301,31 @@ def test_two_workers_share_one_study_through_the_authenticated_server(stack, use
     versions = _api(stack, "GET", "2.0/mlflow/model-versions/search", admin,
                     params={"filter": f"name = '{MODEL}'"}).json()["model_versions"]
     assert len(versions) == 3  # the trained model + one candidate per worker session
+
+
+def test_optuna_dashboard_shows_the_shared_study(stack, tuned, tmp_path):
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    if not dashboard.exists():
+        _missing("optuna-dashboard")
+    (port,) = native_stack.free_ports(1)
+    # The compose service's command: the storage URL from the environment, loopback only here.
+    proc = subprocess.Popen(["sh", "-c", f'exec "{dashboard}" "$OPTUNA_STORAGE" --host 127.0.0.1 --port {port}'],
+                            env=dict(os.environ, OPTUNA_STORAGE=tuned["storage"]), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()["study_summaries"]
+                break
+            except (requests.ConnectionError, ValueError):
+                assert proc.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.3)
+        assert "team" in [s["study_name"] for s in studies]
+        assert requests.get(f"http://127.0.0.1:{port}/dashboard", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_champion_loads_through_the_proxy_with_the_edit_users_login(stack, users, tuned, monkeypatch, tmp_path):
@@ -295,13 +363,6 @@ def test_champion_loads_through_the_proxy_with_the_edit_users_login(stack, users
 
 
 # ---- the compose file, the Dockerfile and .env.example, checked offline ----
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    import yaml
-
-    return yaml.safe_load(COMPOSE.read_text())
-
 
 def test_compose_file_passes_the_compose_spec_schema():
     checker = Path(sys.executable).parent / "check-jsonschema"
@@ -405,7 +466,10 @@ def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack
                      "/artifacts/note.txt", data=b"scratch", auth=editor, timeout=30)
     assert r.status_code == 200, r.text
     assert any(run_id in k for k in _bucket_keys(stack))
-    assert _api(stack, "POST", "2.0/mlflow/runs/delete", editor, json={"run_id": run_id}).status_code == 200
+    # Deleting needs MANAGE (EDIT does not include it): the experiment's creator, the admin, deletes.
+    assert _api(stack, "POST", "2.0/mlflow/runs/delete", editor, json={"run_id": run_id}).status_code == 403
+    admin = (stack.admin_username, stack.admin_password)
+    assert _api(stack, "POST", "2.0/mlflow/runs/delete", admin, json={"run_id": run_id}).status_code == 200
     assert any(run_id in k for k in _bucket_keys(stack))  # deleting only marks the run
     env = dict(os.environ, AWS_ACCESS_KEY_ID=stack.s3_access_key, AWS_SECRET_ACCESS_KEY=stack.s3_secret_key,
                MLFLOW_S3_ENDPOINT_URL=stack.s3_endpoint)
@@ -417,3 +481,33 @@ def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack
     assert gc.returncode == 0, gc.stderr[-3000:]
     assert not any(run_id in k for k in _bucket_keys(stack))
     assert _api(stack, "GET", "2.0/mlflow/runs/get", editor, params={"run_id": run_id}).status_code == 404
+
+
+def test_compose_serve_command_serves_the_champion_with_the_workers_login(stack, tuned, compose, tmp_path):
+    """docker-compose.yml's `serve` command, run natively on a loopback port."""
+    argv, env = _compose_run(compose["services"]["serve"], tuned["variables"], stack)
+    (port,) = native_stack.free_ports(1)
+    assert "-h 0.0.0.0 -p 5001" in argv[-1]
+    argv[-1] = argv[-1].replace("-h 0.0.0.0 -p 5001", f"-h 127.0.0.1 -p {port}")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**_client_env(stack, ("", ""), tmp_path), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the model server did not answer /ping"
+            time.sleep(0.5)
+        from sklearn.datasets import load_digits
+
+        images = (load_digits().images[:3] * 255 / 16).astype(np.uint8)[..., None]
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()}, timeout=60)
+        assert r.status_code == 200, r.text
+        predictions = r.json()["predictions"]
+        assert len(predictions) == 3 and all(0 <= p["label"] <= 9 for p in predictions)
+    finally:
+        native_stack.stop_process(proc)
