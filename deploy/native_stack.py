@@ -256,13 +256,15 @@ def main() -> int:
     parser.add_argument("--dir", default="team-data", help="folder for the databases, objects and logs")
     parser.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
     args = parser.parse_args()
+    if (Path(args.dir) / "pgdata").exists():
+        parser.error(f"{args.dir} already holds a stack: this script makes fresh ones, give a new --dir")
     with team_stack(Path(args.dir).resolve(), args.workers) as stack:
         print(f"ready in {stack.start_s['total']:.1f} s "
               + ", ".join(f"{k} {v:.1f} s" for k, v in stack.start_s.items() if k != "total"))
         print(f"MLFLOW_TRACKING_URI={stack.tracking_uri}")
         print(f"admin login: {stack.admin_username} / {stack.admin_password}")
         print(f"Optuna storage: {stack.db_url('optuna')}")
-        print("Ctrl-C stops everything (the data folder stays; a new start makes a new cluster there)")
+        print("Ctrl-C stops everything (the data folder stays for inspection)")
         try:
             signal.pause()
         except KeyboardInterrupt:

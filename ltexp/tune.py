@@ -310,6 +310,10 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     storage = open_storage(storage_url, tune.heartbeat_s)
 
     sampler = optuna.samplers.TPESampler(seed=base.seed) if tune.sampler == "tpe" else optuna.samplers.RandomSampler(seed=base.seed)
+    if "://" in storage_url and not storage_url.startswith("sqlite"):
+        # A database server is shared by workers that all pass the same --seed (compose replicas
+        # do): identically seeded samplers would propose the same trials in every worker.
+        sampler.reseed_rng()
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=2),
               "none": optuna.pruners.NopPruner()}[tune.pruner]

