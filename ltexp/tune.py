@@ -344,7 +344,9 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
                                "search_space": json.dumps(description), **{k: v for k, v in base.data.__dict__.items()},
                                "model": base.model.model, "epochs": base.optim.epochs, "seed": base.seed})
         objective = Objective(base, space, terms, prep, parent)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and retried) first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and retried) first
         counts = _state_counts(study)
         # Trials other workers are running count as done, so that workers sharing the study stop
         # at n_trials instead of each finishing one more (optuna/optuna#3518).
