@@ -239,8 +239,11 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
     launched = run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
     if run_id is None and previous_run_id:
         try:
-            MlflowClient().get_run(previous_run_id)
+            previous = MlflowClient().get_run(previous_run_id)
             run_id = previous_run_id
+            # Nested trial runs are created in the active experiment: make it the parent's (else
+            # they land in Default, where a team server's users may not write).
+            mlflow.set_experiment(experiment_id=previous.info.experiment_id)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the study outlived its tracking store: start a new parent run
     if run_id is None:

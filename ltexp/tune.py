@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,12 +77,21 @@ def open_storage(url: str, heartbeat_s: int):
 
             path = url[len("journal:"):] if url.startswith("journal:") else url
             return optuna.storages.JournalStorage(JournalFileBackend(path))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True})
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                        engine_kwargs={"pool_pre_ping": True})
+            except Exception as exc:
+                # Workers started together on an empty database all create Optuna's tables; in
+                # PostgreSQL the losers fail with "duplicate key ... pg_type_typname_nsp_index" or
+                # "already exists" (optuna/optuna#1092). The tables exist by then: open again.
+                if attempt == 3 or not re.search(r"already exists|duplicate key", str(exc)):
+                    raise
+                time.sleep(0.5 + attempt)
     except Exception as exc:  # sqlalchemy, driver and OS errors all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LtexpError(f"cannot open Optuna storage {redact(url)}: {reason[:300]}") from None
@@ -259,6 +269,32 @@ def _state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+PARENT_RUN_ATTR = "ltexp.mlflow_run_id"
+
+
+def _parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 300.0) -> str | None:
+    """The MLflow run id of the study's parent run, or None when this worker is to create it.
+
+    Workers started together (`docker compose up --scale worker=N`) would each create a parent
+    run. The first to find the study without one writes a claim token, re-reads it after
+    `grace_s` (the last writer wins, and every worker sees the same winner), and only the
+    winner creates the run; the others wait for its run id (at most `wait_s`, then create their own).
+    """
+    value = study.user_attrs.get(PARENT_RUN_ATTR)
+    if value is None:
+        token = f"claim:{uuid.uuid4().hex}"
+        study.set_user_attr(PARENT_RUN_ATTR, token)
+        time.sleep(grace_s)
+        value = study.user_attrs.get(PARENT_RUN_ATTR)
+        if value == token:
+            return None
+    deadline = time.monotonic() + wait_s
+    while value.startswith("claim:") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        value = study.user_attrs.get(PARENT_RUN_ATTR)
+    return None if value.startswith("claim:") else value
+
+
 def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     """Create or resume the study, run the missing trials, evaluate the best once on test,
     log and register its model, and promote it to `champion` only if it beats the champion."""
@@ -274,6 +310,10 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     storage = open_storage(storage_url, tune.heartbeat_s)
 
     sampler = optuna.samplers.TPESampler(seed=base.seed) if tune.sampler == "tpe" else optuna.samplers.RandomSampler(seed=base.seed)
+    if "://" in storage_url and not storage_url.startswith("sqlite"):
+        # A database server is shared by workers that all pass the same --seed (compose replicas
+        # do): identically seeded samplers would propose the same trials in every worker.
+        sampler.reseed_rng()
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=2),
               "none": optuna.pruners.NopPruner()}[tune.pruner]
@@ -295,21 +335,29 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     if saved is None:
         study.set_user_attr("ltexp.search_space", json.loads(json.dumps(settings, default=str)))
 
-    with tracking.start_tune_run(base, study_name, study.user_attrs.get("ltexp.mlflow_run_id")) as parent:
-        if "ltexp.mlflow_run_id" not in study.user_attrs:
-            study.set_user_attr("ltexp.mlflow_run_id", parent.run_id)
+    with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent:
+        recorded = study.user_attrs.get(PARENT_RUN_ATTR)
+        if recorded is None or recorded.startswith("claim:"):
+            study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
             parent.log_params({"study_name": study_name, "storage": redact(storage_url), "sampler": tune.sampler,
                                "pruner": tune.pruner, "metric": tune.metric, "n_trials": tune.n_trials,
                                "search_space": json.dumps(description), **{k: v for k, v in base.data.__dict__.items()},
                                "model": base.model.model, "epochs": base.optim.epochs, "seed": base.seed})
         objective = Objective(base, space, terms, prep, parent)
-        done = sum(n for state, n in _state_counts(study).items() if state in ("COMPLETE", "PRUNED"))
-        remaining = max(0, tune.n_trials - done)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and retried) first
+        counts = _state_counts(study)
+        # Trials other workers are running count as done, so that workers sharing the study stop
+        # at n_trials instead of each finishing one more (optuna/optuna#3518).
+        remaining = max(0, tune.n_trials - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)
+                        - counts.get("RUNNING", 0))
         started = time.perf_counter()
         if remaining:
             study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
                            callbacks=[optuna.study.MaxTrialsCallback(
-                               tune.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
+                               tune.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                                      optuna.trial.TrialState.RUNNING))])
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
