@@ -182,6 +182,15 @@ class TrackingConfig:
     run_name: str = ""
     register_as: str = ""         # register the run's model under this name when it finishes
     alias: str = "candidate"      # alias set on that registered version
+    # Checkpoint every N epochs ("5") or after that much training time ("5m", "30s"); "0" = never.
+    # Checkpoints live in $LTEXP_CACHE/checkpoints (default ~/.cache/ltexp), keyed by the resolved config.
+    checkpoint_every: str = "5m"
+    resume: bool = True           # the identical command continues from its last checkpoint
+
+    def __post_init__(self) -> None:
+        from ltexp.lifecycle import Every  # late: lifecycle imports torch
+
+        Every.parse(self.checkpoint_every)
 
 
 @dataclass(frozen=True)

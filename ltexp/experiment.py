@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import plots, tracking
+from ltexp import lifecycle, plots, tracking
 from ltexp.config import RunConfig, flatten
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
-from ltexp.engine import FitResult, fit, resolve_device
+from ltexp.engine import FitResult, fit, fit_epochs, resolve_device
 from ltexp.fusion import ExpertLayout, applicable_rules, fit_rule, fuse, oracle_predict, routing_accuracy
 from ltexp.methods import ExpertSpec, build_method
 from ltexp.metrics import accuracy_metrics, classification_metrics, confusion_matrix, per_class_accuracy
@@ -97,7 +97,7 @@ def expert_key(cfg: RunConfig, spec: ExpertSpec) -> str:
 # Config fields that never reach an expert's training (they pick groups, fusion or bookkeeping;
 # the groups themselves are part of the key through the expert's classes).
 UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "experiment",
-                             "run_name", "register_as", "alias", "device"}
+                             "run_name", "register_as", "alias", "device", "checkpoint_every", "resume"}
 
 
 @dataclass
@@ -120,12 +120,13 @@ class ExpertCache:
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
-                 cache: ExpertCache | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
-    """Train one expert with the one engine (or take it from `cache`).
+                 cache: ExpertCache | None = None,
+                 checkpoint: lifecycle.Checkpointer | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
+    """Train one expert with the one engine (or take it from `cache`), resuming from `checkpoint`.
 
     Returns the model at its best validation epoch, its `FitResult`, and whether it was reused.
     """
-    data, splits = prep.data, prep.splits
+    data = prep.data
     seed = expert_seed(cfg, spec)
     torch.manual_seed(seed)
     mean, std = channel_stats(data.train_images)
@@ -135,16 +136,54 @@ def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_
     if cached is not None:
         model.load_state_dict(cached[0])
         return model.eval(), cached[1], True
-    k = data.info.num_classes
-    train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
-    other_count = int((train.labels == len(spec.classes)).sum()) if spec.other else 0
-    result = fit(model, train, val, method.stages(cfg.optim, spec), expert_info(data.info, spec, other_count),
-                 batch_size=cfg.optim.batch_size, clip_norm=cfg.optim.clip_norm,
-                 augment=build_augment(cfg.data.augment, data.image_shape[0]), seed=seed, on_epoch=on_epoch,
-                 progress=progress, select_metric="macro_acc" if spec.other else "acc")
+    result = fit(model, **fit_inputs(cfg, method, spec, prep), on_epoch=on_epoch, progress=progress,
+                 checkpoint=checkpoint)
     if cache is not None:
         cache.put(key, model, result)
     return model, result, False
+
+
+def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> dict:
+    """The engine's arguments for one expert: its view of the data, stages, classes and seed."""
+    data, splits = prep.data, prep.splits
+    k = data.info.num_classes
+    train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
+    other_count = int((train.labels == len(spec.classes)).sum()) if spec.other else 0
+    return dict(train=train, val=val, stages=method.stages(cfg.optim, spec),
+                info=expert_info(data.info, spec, other_count), batch_size=cfg.optim.batch_size,
+                clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
+                seed=expert_seed(cfg, spec), select_metric="macro_acc" if spec.other else "acc")
+
+
+def expert_steps(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared",
+                 checkpoint: lifecycle.Checkpointer | None = None):
+    """A fresh expert model and its training as a generator of epoch records (`engine.fit_epochs`),
+    for training several experts in lockstep; the generator returns the `FitResult`."""
+    torch.manual_seed(expert_seed(cfg, spec))
+    mean, std = channel_stats(prep.data.train_images)
+    model = build_model(cfg.model.model, prep.data.image_shape, spec.num_outputs, mean, std).to(prep.device)
+    return model, fit_epochs(model, **fit_inputs(cfg, method, spec, prep), checkpoint=checkpoint)
+
+
+def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str, label: str = "",
+                 cadence: lifecycle.Cadence | None = None) -> lifecycle.Checkpointer:
+    """The checkpoint of one expert of the run `root_run_id` (epochs logged to `run_id`).
+
+    When it resumes it says so on the terminal, and the interrupted runs are closed KILLED and
+    linked to the runs that continue them (`ltexp.resumed_by` / `ltexp.resumed_from`).
+    """
+    def announce(state: dict) -> None:
+        old_root, old_run = state.get("root_run_id", ""), state.get("run_id", "")
+        done = state["stage_index"] >= len(build_method(cfg.method, cfg.split).stages(cfg.optim, spec))
+        detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
+            (" (finished)" if done else "")
+        print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
+        tracking.link_resumed(old_run, run_id)
+        if old_root != old_run:
+            tracking.link_resumed(old_root, root_run_id)
+
+    return lifecycle.Checkpointer(expert_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
+                                  cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)
 
 
 @dataclass
@@ -244,17 +283,20 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         starts = np.cumsum([len(s.classes) for s in specs])[:-1]
         run.log_params({"split_ranks": ",".join(map(str, starts)), "experts": ",".join(s.name for s in specs)})
 
-    experts, child_ids, train_time, images_seen = [], [], 0.0, 0
+    experts, child_ids, train_time, images_seen, checkpoints = [], [], 0.0, 0, []
     for spec in specs:
         if len(specs) == 1 or not expert_runs:
+            checkpoints.append(checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None)
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if len(specs) == 1 else None,
-                                            progress, cache)
+                                            progress, cache, checkpoints[-1])
         else:
             tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
             with run.child(f"expert-{spec.name}", tags) as child:
                 child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
                                   "other": spec.other, "other_per_epoch": spec.other_per_epoch})
-                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache)
+                checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"expert {spec.name}"))
+                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache,
+                                                checkpoints[-1])
                 child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
                                    "best_epoch": result.best_epoch})
                 child_ids.append(child.run_id)
@@ -307,4 +349,6 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     if cfg.tracking.register_as:
         tracking.flush()
         version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
+    for checkpoint in filter(None, checkpoints):
+        checkpoint.clear()  # the run is complete: the identical command starts afresh next time
     return ExperimentResult(run.run_id, metrics, table, model_uri, version, predictor.fusion, child_ids)
