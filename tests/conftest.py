@@ -11,6 +11,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The CIFAR archives below are generated, not the published files: let ltexp read them (still with
+# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache.
+os.environ["LTEXP_UNVERIFIED_CIFAR"] = "1"
+if "LTEXP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LTEXP_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+
 
 def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
     """Write a small archive in the official python format (torchvision's folder layout).
