@@ -177,10 +177,10 @@ def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str
         done = state["stage_index"] >= len(build_method(cfg.method, cfg.split).stages(cfg.optim, spec))
         detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
             (" (finished)" if done else "")
-        print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
         tracking.link_resumed(old_run, run_id)
         if old_root != old_run:
             tracking.link_resumed(old_root, root_run_id)
+        print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
 
     return lifecycle.Checkpointer(expert_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
                                   cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)

@@ -472,6 +472,8 @@ def _store_error(uri: str, scheme: str, exc: Exception) -> str:
     match = re.search(r"error code (\d{3})", text) or re.search(r"\b(401|403)\b", text)
     if match:
         status = int(match.group(1))
+    if getattr(exc, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        status = exc.get_http_status_code()  # the REST error's code maps back to 401 / 403
     if status in (401, 403) or "UNAUTHENTICATED" in text or "PERMISSION_DENIED" in text:
         code = f"HTTP {status}" if status else "access denied"
         return f"tracking server {uri} refused access ({code}): {CREDENTIAL_HINT}"
