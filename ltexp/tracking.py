@@ -232,8 +232,10 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
     run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
     if run_id is None and previous_run_id:
         try:
-            MlflowClient().get_run(previous_run_id)
+            previous = MlflowClient().get_run(previous_run_id)
             run_id = previous_run_id
+            if ERROR_TAG in previous.data.tags:  # e.g. closed by a sweep when its worker died: it goes on
+                MlflowClient().delete_tag(run_id, ERROR_TAG)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the study outlived its tracking store: start a new parent run
     if run_id is None:
