@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress output (default: bars on a terminal, a line per epoch or 5 s elsewhere)")
+    for sub in (train, tune):
+        sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
+                         help="start afresh, ignoring any checkpoint (same as --resume false)")
+
+    runs = commands.add_parser("runs", help="housekeeping of MLflow runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
+    sweep = runs_commands.add_parser("sweep", help="close RUNNING runs whose process died (KILLED, reason in ltexp.error)")
+    sweep.add_argument("--older-than", default="15m",
+                       help="runs of other hosts are dead when their heartbeat is older than this (default: 15m); "
+                            "runs of this host are dead when their process is gone")
+    sweep.add_argument("--experiment", action="append", default=None,
+                       help="experiment name to sweep (repeatable; default: every experiment)")
 
     register = commands.add_parser("register", help="register a run's model as a new version, with an alias")
     register.add_argument("--run-id", required=True, help="the MLflow run whose model is registered")
@@ -124,11 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preflight(cfg) -> None:
+    """What can fail without training fails now, in one line: device, registry name, store; then
+    the experiment's runs left RUNNING by dead processes are closed."""
+    from ltexp import lifecycle, tracking
+    from ltexp.engine import resolve_device
+
+    resolve_device(cfg.device)
+    if cfg.tracking.register_as:
+        tracking.validate_registered_name(cfg.tracking.register_as, cfg.tracking.alias)
+    tracking.check_store()
+    _report_sweep(lifecycle.sweep(tracking.own_experiment_ids(cfg)))
+
+
+def _report_sweep(closed: list[dict]) -> None:
+    for run in closed:
+        print(f"ltexp: closed stale run {run['run_id']} ({run['run_name']}) as KILLED: {run['reason']}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ltexp.experiment import run_experiment
 
     sections = _sections(args)
     cfg = resolve_config(sections, seed=args.seed, device=args.device)
+    preflight(cfg)
     result = run_experiment(cfg, progress=not args.no_progress)
     keys = ["test_acc", "test_head_acc", "test_tail_acc", "test_many_acc", "test_medium_acc", "test_few_acc",
             "test_macro_acc", "test_ece", "test_oracle_acc", "test_oracle_head_acc", "test_oracle_tail_acc",
@@ -156,6 +187,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tune_cfg = TuneConfig(**{k: v for k, v in sections.pop("tune").items()})
     sections["method"]["method"] = "split"
     cfg = resolve_config(sections, seed=args.seed, device=args.device)
+    if tune_cfg.model_name:
+        from ltexp import tracking
+
+        tracking.validate_registered_name(tune_cfg.model_name, flag="--model-name")
+    preflight(cfg)
     result = run_study(cfg, tune_cfg)
     print(f"\nstudy {result.study_name}: {result.trials_run} trials run now; best {tune_cfg.metric} = {result.best_value:.4f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
@@ -168,9 +204,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from ltexp import lifecycle, tracking
+
+    older_than = lifecycle.parse_duration(args.older_than)
+    uri = tracking.check_store()
+    ids = tracking.experiment_ids(args.experiment)
+    if args.experiment and not ids:
+        raise LtexpError(f"no experiment named {', '.join(args.experiment)} in {uri}")
+    closed = lifecycle.sweep(ids, older_than)
+    for run in closed:
+        print(f"closed {run['run_id']} ({run['run_name']}, experiment {run['experiment_id']}): {run['reason']}")
+    print(f"swept {len(ids)} experiment(s) in {uri}: {len(closed)} stale run(s) closed as KILLED")
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from ltexp import tracking
 
+    tracking.validate_registered_name(args.name, args.alias, flag="--name")
     version = tracking.register_model(args.run_id, args.name, args.alias)
     print(f"registered {args.name} version {version}" + (f" as @{args.alias}" if args.alias else "")
           + f": serve it with `mlflow models serve -m models:/{args.name}@{args.alias or version} --env-manager local`")
@@ -215,11 +267,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
+    from ltexp import lifecycle
+
+    lifecycle.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register,
+                "runs": cmd_runs}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except KeyboardInterrupt:
-        print("ltexp: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"ltexp: {lifecycle.interrupt_reason(exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

@@ -270,6 +270,17 @@ class TrackingConfig:
     register_as: str = setting("", "register the run's model under this name when the run ends (empty: don't)",
                                when=_never)
     alias: str = setting("candidate", "alias given to that registered version", when=_never)
+    checkpoint_every: str = setting("5m", "checkpoint every N epochs (e.g. 5) or after that much training time (e.g. "
+                                          "5m, 30s); 0 = never. Checkpoints are kept in $LTEXP_CACHE/checkpoints "
+                                          "(default ~/.cache/ltexp), keyed by the resolved configuration, and removed "
+                                          "when the run ends", when=_never)
+    resume: bool = setting(True, "continue from the last checkpoint of the identical configuration (true/false; "
+                                 "--no-resume = false)", when=_never)
+
+    def __post_init__(self) -> None:
+        from ltexp.lifecycle import Every  # late: lifecycle imports torch
+
+        Every.parse(self.checkpoint_every)
 
 
 @dataclass(frozen=True)
@@ -448,6 +459,8 @@ BOOKKEEPING_FIELDS = {
     "alias": "which alias the registered version gets",
     "download": "only whether a missing CIFAR archive is fetched; the images read are the same",
     "device": "which hardware computes; results agree up to floating-point precision",
+    "checkpoint_every": "how often training state is saved; a resumed run ends with the same weights",
+    "resume": "whether a saved checkpoint is continued; it ends with the weights of an uninterrupted run",
 }
 
 

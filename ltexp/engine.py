@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -24,6 +24,10 @@ from ltexp.metrics import classification_metrics
 from ltexp.progress import Progress
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+if TYPE_CHECKING:
+    from ltexp.lifecycle import Checkpointer
+
 EVAL_BATCH = 1024  # images per forward pass at evaluation; memory, not accuracy, bounds it
 
 
@@ -104,7 +108,7 @@ def _train_mode(model: torch.nn.Module, trainable: str) -> None:
 def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
         *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int,
         on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None,
-        select_metric: str = "acc") -> FitResult:
+        select_metric: str = "acc", checkpoint: "Checkpointer | None" = None) -> FitResult:
     """Train `model` through `stages`; after each stage keep its best epoch on validation.
 
     The best epoch maximises `select_metric` on validation (`acc`; experts with an unbalanced
@@ -114,8 +118,27 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     `train_acc`, `lr`, `epoch_time_s`, `train_images_per_s` and the `val_*` metrics. Each
     stage's loss (`stage.loss`) is called on the batch's logits and labels; the engine knows no
     loss by name. A non-finite training loss raises `LtexpError` at the end of the epoch it
-    happened in. `progress` reports epochs to a person (bars or lines).
+    happened in. `progress` reports epochs to a person (bars or lines). With a `checkpoint`
+    (`ltexp.lifecycle.Checkpointer`), training continues from its saved state, whose epochs are
+    passed to `on_epoch` again first, and saves state as its cadence asks.
     """
+    steps = fit_epochs(model, train, val, stages, info, batch_size=batch_size, clip_norm=clip_norm,
+                       augment=augment, seed=seed, progress=progress, select_metric=select_metric,
+                       checkpoint=checkpoint)
+    while True:
+        try:
+            record = next(steps)
+        except StopIteration as done:
+            return done.value
+        if on_epoch is not None:
+            on_epoch(record)
+
+
+def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
+               *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int, progress: Progress | None = None,
+               select_metric: str = "acc", checkpoint: "Checkpointer | None" = None):
+    """`fit` as a generator: yields each epoch's record, returns the `FitResult`. Several experts
+    can so be trained in lockstep, one epoch each in turn (tuning prunes on their fused score)."""
     device = train.images.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -127,18 +150,32 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     seen_per_class: list[list[int]] = []
     global_epoch, images_seen, train_time = 0, 0, 0.0
     best_acc, best_epoch = -1.0, 0
-    for stage in stages:
-        if stage.reset_head:
+    resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
+    if resumed is not None:
+        history, seen_per_class = resumed["history"], resumed["seen_per_class"]
+        global_epoch, images_seen, train_time = resumed["global_epoch"], resumed["images_seen"], resumed["train_time"]
+        best_acc, best_epoch = resumed["best_acc"], resumed["best_epoch"]
+        yield from history
+    for stage_index, stage in enumerate(stages):
+        if resumed is not None and stage_index < resumed["stage_index"]:
+            continue  # finished before the checkpoint: its best weights are already in the model
+        resuming_stage = resumed is not None and stage_index == resumed["stage_index"]
+        if stage.reset_head and not resuming_stage:
             model.head.reset_classifier()
         params = _set_trainable(model, stage.trainable)
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay,
                                     fused=device.type == "cuda" or None)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
         sampler = build_sampler(stage.sampler, **stage.sampler_options)
-        stage_best_acc, stage_best_state = -1.0, None
+        stage_best_acc, stage_best_state, first_epoch = -1.0, None, 1
+        if resuming_stage:
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["scheduler"])
+            stage_best_acc, stage_best_state = resumed["stage_best_acc"], resumed["stage_best_state"]
+            first_epoch = resumed["stage_epoch"] + 1
         if progress is not None:
             progress.start_stage(stage.name, stage.epochs)
-        for stage_epoch in range(1, stage.epochs + 1):
+        for stage_epoch in range(first_epoch, stage.epochs + 1):
             global_epoch += 1
             stage.loss.start_epoch(stage_epoch)
             _train_mode(model, stage.trainable)
@@ -187,15 +224,25 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
             history.append(record)
             if progress is not None:
                 progress.end_epoch(stage.name, stage_epoch, stage.epochs, record)
-            if on_epoch is not None:
-                on_epoch(record)
+            yield record
             if val_metrics[select_metric] > stage_best_acc:
                 stage_best_acc = val_metrics[select_metric]
                 stage_best_state = copy.deepcopy(model.state_dict())
                 best_acc, best_epoch = stage_best_acc, global_epoch
+            if checkpoint is not None:
+                checkpoint.save(model, generator, optimizer, schedule, dict(
+                    stage_index=stage_index, stage_epoch=stage_epoch, global_epoch=global_epoch,
+                    images_seen=images_seen, train_time=train_time, best_acc=best_acc, best_epoch=best_epoch,
+                    history=history, seen_per_class=seen_per_class, stage_best_acc=stage_best_acc,
+                    stage_best_state=stage_best_state))
         if stage_best_state is not None:
             model.load_state_dict(stage_best_state)
     _set_trainable(model, TRAIN_NETWORK)
     model.eval()
+    if checkpoint is not None and (resumed is None or resumed["stage_index"] < len(stages)):
+        checkpoint.finish(model, generator, dict(
+            stage_index=len(stages), stage_epoch=0, global_epoch=global_epoch, images_seen=images_seen,
+            train_time=train_time, best_acc=best_acc, best_epoch=best_epoch, history=history,
+            seen_per_class=seen_per_class, stage_best_acc=-1.0, stage_best_state=None))
     return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class)
 

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import plots, tracking
+from ltexp import lifecycle, plots, tracking
 from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
-from ltexp.engine import FitResult, fit, predict_logits, resolve_device
+from ltexp.engine import FitResult, fit, fit_epochs, predict_logits, resolve_device
 from ltexp.fusion import ExpertLayout, fit_rule, fuse, oracle_predict, routing_accuracy
 from ltexp.methods import ExpertSpec, build_method
 from ltexp.metrics import accuracy_metrics, classification_metrics, confusion_matrix, per_class_accuracy
@@ -123,36 +123,85 @@ class ExpertCache:
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
-                 cache: ExpertCache | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
-    """Train one expert with the one engine, then apply the method's post-hoc step (or take the
-    finished expert from `cache`).
+                 cache: ExpertCache | None = None,
+                 checkpoint: lifecycle.Checkpointer | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
+    """Train one expert with the one engine, resuming from `checkpoint`, then apply the method's
+    post-hoc step (or take the finished expert from `cache`).
 
     Returns the model (best validation epoch, post-hoc step applied), its `FitResult`, and
     whether it was reused.
     """
-    data, splits = prep.data, prep.splits
-    seed = expert_seed(cfg, spec)
-    torch.manual_seed(seed)
-    mean, std = channel_stats(data.train_images)
-    model = build_model(cfg.model.model, data.image_shape, spec.num_outputs, mean, std,
-                        head=method.head).to(prep.device)
     key = expert_key(cfg, spec)
+    model = new_expert_model(cfg, method, spec, prep)
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         model.load_state_dict(cached[0])
         return model.eval(), cached[1], True
-    k = data.info.num_classes
-    train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
-    info = expert_info(data.info, spec)
-    result = fit(model, train, val, method.stages(info, spec), info,
-                 batch_size=cfg.optim.batch_size, clip_norm=cfg.optim.clip_norm,
-                 augment=build_augment(cfg.data.augment, data.image_shape[0]), seed=seed, on_epoch=on_epoch,
-                 progress=Progress(spec.name) if progress else None,
-                 select_metric="macro_acc" if spec.other else "acc")
-    result.posthoc = method.posthoc(model, predict_logits(model, val.images), val.labels, info)
+    inputs = fit_inputs(cfg, method, spec, prep)
+    result = fit(model, **inputs, on_epoch=on_epoch, progress=Progress(spec.name) if progress else None,
+                 checkpoint=checkpoint)
+    val = inputs["val"]
+    result.posthoc = method.posthoc(model, predict_logits(model, val.images), val.labels, inputs["info"])
     if cache is not None:
         cache.put(key, model, result)
     return model, result, False
+
+
+def new_expert_model(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> torch.nn.Module:
+    """An expert's freshly initialised model (seeded by `expert_seed`), on the training device."""
+    torch.manual_seed(expert_seed(cfg, spec))
+    mean, std = channel_stats(prep.data.train_images)
+    return build_model(cfg.model.model, prep.data.image_shape, spec.num_outputs, mean, std,
+                       head=method.head).to(prep.device)
+
+
+def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> dict:
+    """The engine's arguments for one expert: its view of the data, stages, classes and seed."""
+    data, splits = prep.data, prep.splits
+    k = data.info.num_classes
+    train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
+    info = expert_info(data.info, spec)
+    return dict(train=train, val=val, stages=method.stages(info, spec), info=info, batch_size=cfg.optim.batch_size,
+                clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
+                seed=expert_seed(cfg, spec), select_metric="macro_acc" if spec.other else "acc")
+
+
+def expert_steps(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared",
+                 checkpoint: lifecycle.Checkpointer | None = None):
+    """A fresh expert model and its training as a generator of epoch records (`engine.fit_epochs`),
+    for training several experts in lockstep; the generator returns the `FitResult`. (Tuning uses
+    it for split experts, whose method has no post-hoc step.)"""
+    model = new_expert_model(cfg, method, spec, prep)
+    return model, fit_epochs(model, **fit_inputs(cfg, method, spec, prep), checkpoint=checkpoint)
+
+
+def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str, label: str = "",
+                 cadence: lifecycle.Cadence | None = None) -> lifecycle.Checkpointer:
+    """The checkpoint of one expert of the run `root_run_id` (epochs logged to `run_id`).
+
+    When it resumes it says so on the terminal, and the interrupted runs are closed KILLED and
+    linked to the runs that continue them (`ltexp.resumed_by` / `ltexp.resumed_from`).
+    """
+    def announce(state: dict) -> None:
+        old_root, old_run = state.get("root_run_id", ""), state.get("run_id", "")
+        method = build_method(cfg)
+        done = state["stage_index"] >= len(method.stages(expert_info_for(cfg, spec), spec))
+        detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
+            (" (finished)" if done else "")
+        tracking.link_resumed(old_run, run_id)
+        if old_root != old_run:
+            tracking.link_resumed(old_root, root_run_id)
+        print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
+
+    return lifecycle.Checkpointer(expert_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
+                                  cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)
+
+
+def expert_info_for(cfg: RunConfig, spec: ExpertSpec) -> ClassInfo:
+    """A stand-in `ClassInfo` with the expert's number of outputs, enough to count its stages
+    (the number of stages never depends on class counts)."""
+    names = tuple(str(c) for c in spec.classes) + (("other",) if spec.other else ())
+    return ClassInfo(names, np.ones(len(names), dtype=np.int64))
 
 
 @dataclass
@@ -261,16 +310,20 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
 
     experts, results = [], []
     child_ids: list[str] = []
+    checkpoints: list[lifecycle.Checkpointer | None] = []
     for spec in specs:
         if in_parent or not expert_runs:
+            checkpoints.append(checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None)
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
-                                            progress, cache)
+                                            progress, cache, checkpoints[-1])
         else:
             tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
             with run.child(f"expert-{spec.name}", tags) as child:
                 child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
                                   "other": spec.other, **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
-                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache)
+                checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"expert {spec.name}"))
+                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache,
+                                                checkpoints[-1])
                 child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
                                    "best_epoch": result.best_epoch, **result.posthoc})
                 child_ids.append(child.run_id)
@@ -321,6 +374,8 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     if cfg.tracking.register_as:
         tracking.flush()
         version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
+    for checkpoint in filter(None, checkpoints):
+        checkpoint.clear()  # the run is complete: the identical command starts afresh next time
     return ExperimentResult(run.run_id, {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}, table,
                             model_uri, version, chosen, child_ids)
 

@@ -228,11 +228,6 @@ class Split(LWS):
     def experts(self, info: ClassInfo) -> list[ExpertSpec]:
         split_cfg = self.cfg.split
         ranks = split_cfg.split_ranks()
-        if ranks is None and split_cfg.num_groups > info.num_classes:
-            from ltexp import LtexpError
-
-            raise LtexpError(f"--num-groups {split_cfg.num_groups} is more than the {info.num_classes} classes: "
-                             f"use at most {info.num_classes} groups")
         split = validate_split_at(ranks if ranks is not None else default_split_at(info.num_classes, split_cfg.num_groups),
                                   info.num_classes)
         groups = info.group_of(split)

@@ -22,6 +22,54 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
+MAX_ERROR_CHARS = 1000  # MLflow echoes the whole request into some errors; a client needs the reason
+
+
+class InvalidRequest(MlflowException):
+    """A 400 whose body is ltexp's reason. MLflow's scoring server rewrites the message of an
+    exception raised by `predict` to `Failed to predict data '<the whole input>'. Error: ...`;
+    this class keeps its own reason as the message instead."""
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if getattr(self, "_reason", None) is None:
+            self._reason = str(value)  # the first assignment (MLflow's __init__) is the reason
+
+
+def _guard_request_parsing() -> None:
+    """Make every malformed JSON request a 400 under `mlflow models serve`.
+
+    Python's JSON parser raises RecursionError on deeply nested input (about 990 levels), which
+    MLflow's scoring server answers with a 500; and its parse errors echo the whole request. The
+    server looks up `_parse_json_data` in its module at every request, so wrapping it there covers
+    every JSON request. Skipped (MLflow's behaviour) if that function is ever renamed.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    original = getattr(scoring_server, "_parse_json_data", None)
+    if original is None or getattr(original, "ltexp_guarded", False):
+        return
+
+    def parse(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except RecursionError:
+            raise InvalidRequest("invalid input: JSON nested too deeply to parse; send images as a "
+                                 "(N, H, W, C) uint8 array or base64 PNG/JPEG strings",
+                                 error_code=INVALID_PARAMETER_VALUE) from None
+        except MlflowException as exc:
+            if len(exc.message) > MAX_ERROR_CHARS:
+                exc.message = exc.message[:MAX_ERROR_CHARS] + " ... (truncated)"
+            raise
+
+    parse.ltexp_guarded = True
+    scoring_server._parse_json_data = parse
+
+
 class FusedExpertsModel(PythonModel):
     """predict(images) -> DataFrame(label, class_name, score[, probabilities])."""
 
@@ -37,6 +85,7 @@ class FusedExpertsModel(PythonModel):
             # (measured in bench/serve.py: 152 -> 48 ms server CPU per 256-image JSON request).
             gc.collect()
             gc.freeze()
+            _guard_request_parsing()
 
     # The hint declares the usual input (uint8 images, N x H x W x C); a DataFrame of encoded
     # images is accepted too. A numpy hint tells MLflow not to infer a schema from it: the model
@@ -48,7 +97,10 @@ class FusedExpertsModel(PythonModel):
             images = to_image_batch(model_input, self.predictor.image_shape)
         except InvalidInput as exc:
             # INVALID_PARAMETER_VALUE becomes HTTP 400 in `mlflow models serve`, message intact.
-            raise MlflowException(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+            raise InvalidRequest(f"invalid input: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+        except RecursionError:  # e.g. deeply nested lists that survived JSON parsing
+            raise InvalidRequest("invalid input: nested too deeply; send images as a (N, H, W, C) uint8 array",
+                                 error_code=INVALID_PARAMETER_VALUE) from None
         return self.predictor.predict(images, probabilities=bool((params or {}).get("probabilities", False)))
 
 

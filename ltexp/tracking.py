@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,10 @@ from ltexp.config import RunConfig, to_dict, used_settings
 from ltexp.metrics import finite
 
 ERROR_TAG = "ltexp.error"
+HEARTBEAT_TAG = "ltexp.heartbeat"
+HEARTBEAT_S = 10.0  # least seconds between two heartbeat writes of one run
+RESUMED_BY_TAG = "ltexp.resumed_by"
+RESUMED_FROM_TAG = "ltexp.resumed_from"
 MODEL_URI_TAG = "ltexp.model_uri"
 # What a fresh environment needs to load and serve the model (ltexp itself travels as code).
 MODEL_REQUIREMENTS = ["torch>=2.4,<3", "numpy>=1.24", "pandas>=2", "pillow>=9", "mlflow>=3.7,<4"]
@@ -116,6 +121,8 @@ class Run:
         self.run_id = run.info.run_id
         # Status the run ends with when its block exits normally (e.g. KILLED for a pruned trial).
         self.status = "FINISHED"
+        self.parent_id: str | None = None   # the run this one is nested in (its heartbeat too)
+        self._last_beat = 0.0
 
     def log_config(self, cfg: RunConfig) -> None:
         """The settings this run's method uses as params (`config.used_settings`: no `sampling`
@@ -142,6 +149,18 @@ class Run:
         """Per-epoch metrics at step = global epoch; asynchronous so logging stays out of epoch time."""
         values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
         mlflow.log_metrics(finite(values), step=int(record["epoch"]), synchronous=False)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Refresh `ltexp.heartbeat` (unix seconds) on this run and its parent, at most every
+        HEARTBEAT_S so fast epochs do not load the store; `ltexp runs sweep` reads it."""
+        now = time.time()
+        if now - self._last_beat < HEARTBEAT_S:
+            return
+        self._last_beat = now
+        client = MlflowClient()
+        for run_id in filter(None, (self.run_id, self.parent_id)):
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=False)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(finite(metrics), step=step)
@@ -159,7 +178,10 @@ class Run:
     @contextmanager
     def child(self, name: str, tags: dict[str, str]) -> Iterator["Run"]:
         """A nested run (e.g. one expert) under this one; FAILED with the reason if it raises."""
-        with _guarded(mlflow.start_run(run_name=name, nested=True, tags=tags)) as run:
+        from ltexp.lifecycle import process_tags
+
+        with _guarded(mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()})) as run:
+            run.parent_id = self.run_id
             yield run
 
     def log_model(self, predictor_dir: str | Path, input_example) -> str:
@@ -224,10 +246,12 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
     existing = os.environ.get("MLFLOW_RUN_ID")
     if not existing:
         mlflow.set_experiment(experiment_name(cfg))
+    from ltexp.lifecycle import process_tags
+
     with _guarded(mlflow.start_run(run_name=None if existing else name)) as run:
         if existing:  # `mlflow run` gave the run a random name; a readable one replaces it
             MlflowClient().update_run(run.run_id, name=name)
-        mlflow.set_tags(run_tags(cfg, role))
+        mlflow.set_tags({**run_tags(cfg, role), **process_tags()})
         yield run
 
 
@@ -244,6 +268,8 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
             # Nested trial runs are created in the active experiment: make it the parent's (else
             # they land in Default, where a team server's users may not write).
             mlflow.set_experiment(experiment_id=previous.info.experiment_id)
+            if ERROR_TAG in previous.data.tags:  # e.g. closed by a sweep when its worker died: it goes on
+                MlflowClient().delete_tag(run_id, ERROR_TAG)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the study outlived its tracking store: start a new parent run
     if run_id is None:
@@ -253,7 +279,9 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
     with _guarded(active) as run:
         if launched:  # `mlflow run` gave the run a random name
             MlflowClient().update_run(run.run_id, name=cfg.tracking.run_name or default_run_name(cfg, "tune"))
-        mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name})
+        from ltexp.lifecycle import process_tags
+
+        mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name, **process_tags()})
         yield run
 
 
@@ -267,6 +295,10 @@ def flush() -> None:
 
 def error_message(exc: BaseException) -> str:
     """One line for a tag or the terminal: the message, or the exception type when it has none."""
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (lifecycle.Terminated)
+        from ltexp.lifecycle import interrupt_reason
+
+        return interrupt_reason(exc)
     text = str(exc).strip().splitlines()
     if isinstance(exc, ltexp.LtexpError) and text:
         return text[0][:5000]
@@ -343,3 +375,228 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
             client.set_registered_model_alias(name, "previous", champion.version)
         client.set_registered_model_alias(name, "champion", str(version))
     return version, promote, decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Store checks, run lifecycle (sweep, resume links) and registry names, all before any training.
+
+# MLflow's HTTP defaults (7 retries with backoff 2, 120 s timeout) make an unreachable server
+# hang for minutes; a training run should instead fail within seconds. Set only when the user
+# has not chosen (MLflow reads these variables at every request).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+# The pre-flight probe of a server: one retry, 10 s per attempt (worst case ~25 s when unreachable).
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+SUPPORTED_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+CREDENTIAL_HINT = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN "
+                   "(bearer token) for this server")
+
+
+def _uri_source() -> str:
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "MLflow's default"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    rest = uri[len("sqlite://"):]
+    if not rest or rest.startswith("/:memory:"):
+        return None
+    return Path(rest[1:].split("?", 1)[0]) if rest.startswith("/") else Path(rest.split("?", 1)[0])
+
+
+@contextmanager
+def _sqlite_creation_lock(path: Path) -> Iterator[None]:
+    """Serialise the first creation of an sqlite store across processes: two runs that create the
+    same fresh store at once would otherwise both run MLflow's schema migration, and one dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; MLflow's own behaviour
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_sqlite(uri: str, path: Path) -> None:
+    from ltexp import LtexpError
+
+    folder = path.parent if str(path.parent) else Path(".")
+    where = f"tracking store {uri} ({_uri_source()})"
+    if not folder.is_dir():
+        raise LtexpError(f"{where}: folder {folder} does not exist: create it or set MLFLOW_TRACKING_URI to another path")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise LtexpError(f"{where} is read-only for this user: make {path} writable (chmod u+rw) or set "
+                             f"MLFLOW_TRACKING_URI=sqlite:///<a writable file>")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise LtexpError(f"{where}: folder {folder} is not writable and sqlite needs it for its journal: "
+                             f"make it writable or move the store")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise LtexpError(f"{where} cannot be created: folder {folder} is not writable; make it writable or set "
+                         f"MLFLOW_TRACKING_URI=sqlite:///<a writable file>")
+
+
+def check_store() -> str:
+    """Fail early, in one line, when the tracking store cannot take a run; returns its URI.
+
+    Checks the URI scheme, an sqlite file and folder (created under a lock the first time), and
+    an HTTP server's reachability and credentials (within ~25 s).
+    """
+    from ltexp import LtexpError
+
+    uri = mlflow.get_tracking_uri()
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else "file"
+    if len(scheme) == 1:  # a Windows drive letter, e.g. C:\\mlruns
+        scheme = "file"
+    if scheme not in SUPPORTED_SCHEMES:
+        raise LtexpError(f"unsupported tracking URI {uri!r} ({_uri_source()}): scheme {scheme!r} is not one of "
+                         f"{', '.join(SUPPORTED_SCHEMES)}; use e.g. sqlite:///mlflow.db or http://host:5000")
+    path = _sqlite_path(uri) if scheme == "sqlite" else None
+    if path is not None:
+        _check_sqlite(uri, path)
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    if scheme in ("http", "https"):
+        os.environ.update(PROBE_ENV)
+    try:
+        if path is not None:
+            with _sqlite_creation_lock(path):
+                MlflowClient().search_experiments(max_results=1)
+                _probe_sqlite_write(path)
+        else:
+            MlflowClient().search_experiments(max_results=1)
+    except LtexpError:
+        raise
+    except Exception as exc:
+        raise LtexpError(_store_error(uri, scheme, exc)) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return uri
+
+
+def _probe_sqlite_write(path: Path) -> None:
+    """A write transaction that changes nothing: catches read-only files a permission check misses."""
+    import sqlite3
+
+    from ltexp import LtexpError
+
+    try:
+        con = sqlite3.connect(str(path), timeout=30)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE IF NOT EXISTS _ltexp_probe (x)")  # a write, rolled back
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        raise LtexpError(f"tracking store sqlite:///{path} cannot be written ({exc}): make the file and its folder "
+                         f"writable or set MLFLOW_TRACKING_URI to another store") from None
+
+
+def _store_error(uri: str, scheme: str, exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    status = None
+    import re
+
+    match = re.search(r"error code (\d{3})", text) or re.search(r"\b(401|403)\b", text)
+    if match:
+        status = int(match.group(1))
+    if getattr(exc, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        status = exc.get_http_status_code()  # the REST error's code maps back to 401 / 403
+    if status in (401, 403) or "UNAUTHENTICATED" in text or "PERMISSION_DENIED" in text:
+        code = f"HTTP {status}" if status else "access denied"
+        return f"tracking server {uri} refused access ({code}): {CREDENTIAL_HINT}"
+    if scheme in ("http", "https") and re.search(r"Max retries|Connection|refused|timed out|Timeout|resolve", text, re.I):
+        return (f"tracking server {uri} ({_uri_source()}) is unreachable: start it, or fix MLFLOW_TRACKING_URI "
+                f"({text[:160]})")
+    return f"tracking store {uri} ({_uri_source()}) is not usable: {type(exc).__name__}: {text[:240]}"
+
+
+def validate_registered_name(name: str, alias: str | None = None, flag: str = "--register-as") -> None:
+    """Reject, before training, a registered-model name or alias that MLflow's registry refuses."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_name
+
+    from ltexp import LtexpError
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise LtexpError(f"{flag} {name!r} is not a valid registered-model name: {exc.message} "
+                         f"(use e.g. ltexp-digits)") from None
+    if alias:
+        try:
+            _validate_model_alias_name(alias)
+        except MlflowException as exc:
+            raise LtexpError(f"--alias {alias!r} is not a valid alias: {exc.message}") from None
+        if alias.lower() == "latest" or (alias[0] in "vV" and alias[1:].isdigit()):
+            raise LtexpError(f"--alias {alias!r} is reserved by MLflow: use e.g. candidate or champion")
+
+
+def experiment_ids(names: list[str] | None) -> list[str]:
+    """Ids of the named experiments that exist (all experiments when `names` is None)."""
+    client = MlflowClient()
+    if names is None:
+        return [e.experiment_id for e in client.search_experiments(max_results=50000)]
+    ids = []
+    for name in names:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            ids.append(experiment.experiment_id)
+    return ids
+
+
+def own_experiment_ids(cfg: RunConfig) -> list[str]:
+    """The experiment this process will log to: the `mlflow run` run's, else `experiment_name(cfg)`."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        try:
+            return [MlflowClient().get_run(run_id).info.experiment_id]
+        except mlflow.exceptions.MlflowException:
+            return []
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return [os.environ["MLFLOW_EXPERIMENT_ID"]]
+    return experiment_ids([experiment_name(cfg)])
+
+
+def running_runs(ids: list[str]) -> list[dict]:
+    """RUNNING runs of the experiments `ids`: id, name, experiment, start time (s) and tags."""
+    if not ids:
+        return []
+    runs = MlflowClient().search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
+    return [{"run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+             "start_time_s": (r.info.start_time or 0) / 1000.0, "tags": dict(r.data.tags)} for r in runs]
+
+
+def close_run(run_id: str, status: str, reason: str) -> None:
+    """End a run of another (dead) process with `status`, the reason in `ltexp.error`."""
+    client = MlflowClient()
+    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def link_resumed(old_run_id: str, new_run_id: str) -> None:
+    """Record that `new_run_id` continues `old_run_id`: the old run is closed KILLED (if still
+    RUNNING) and tagged `ltexp.resumed_by`; the new one is tagged `ltexp.resumed_from`."""
+    if not old_run_id or old_run_id == new_run_id:
+        return
+    client = MlflowClient()
+    try:
+        old = client.get_run(old_run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # another store, or deleted: nothing to close
+    client.set_tag(old_run_id, RESUMED_BY_TAG, new_run_id)
+    if old.info.status == "RUNNING":
+        client.set_tag(old_run_id, ERROR_TAG, f"interrupted; training continued by run {new_run_id}")
+        client.set_terminated(old_run_id, "KILLED")
+    client.set_tag(new_run_id, RESUMED_FROM_TAG, old_run_id)

@@ -26,9 +26,10 @@ from typing import Any
 
 import optuna
 
-from ltexp import LtexpError, tracking
+from ltexp import LtexpError, lifecycle, tracking
 from ltexp.config import RunConfig, TuneConfig
-from ltexp.experiment import ExpertCache, Prepared, build_experts, execute, fusion_table, prepare, train_expert
+from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
+                              fusion_table, prepare, train_expert)
 from ltexp.fusion import NEEDS_OTHER, FUSIONS
 
 OBJECTIVE_KEYS = ("acc", "head_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "macro_acc", "routing_acc",
@@ -83,7 +84,8 @@ def open_storage(url: str, heartbeat_s: int):
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
                     return optuna.storages.RDBStorage(
                         url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                            max_retry=2, inherit_intermediate_values=True),
                         engine_kwargs={"pool_pre_ping": True})
             except Exception as exc:
                 # Workers started together on an empty database all create Optuna's tables; in
@@ -181,6 +183,23 @@ def apply(base: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
 
 
 @dataclass
+class _Expert:
+    """One expert of a trial: from the cache (`steps` None) or in training (`steps` its epochs)."""
+
+    spec: Any
+    key: str
+    model: Any
+    steps: Any
+    checkpoint: Any
+
+
+def _clear(experts: list[_Expert]) -> None:
+    for e in experts:
+        if e.checkpoint is not None:
+            e.checkpoint.clear()
+
+
+@dataclass
 class Objective:
     """The callable objective (optuna-examples style): holds the preloaded data and the expert cache."""
 
@@ -201,44 +220,81 @@ class Objective:
         with self.parent.child(f"trial-{trial.number}", tags) as run:
             run.log_params({**{k: str(v) for k, v in trial.params.items()}, "trial_number": trial.number})
             method, specs, layout = build_experts(cfg, self.prep.data.info)
+            # Experts train in lockstep, one epoch each in turn; after every epoch the pruner sees
+            # the objective on the *fused* validation prediction of all experts, a number that is
+            # comparable across trials whatever the split (an expert's own accuracy is not: a
+            # 2-class head expert scores higher than an 8-class one).
+            cadence = lifecycle.Cadence(lifecycle.Every.parse(cfg.tracking.checkpoint_every))
+            experts = []
+            for spec in specs:
+                key = expert_key(cfg, spec)
+                if key in self.cache.entries:
+                    model, _, _ = train_expert(cfg, method, spec, self.prep, None, False, self.cache)
+                    experts.append(_Expert(spec, key, model, None, None))
+                else:
+                    self.cache.misses += 1
+                    ckpt = checkpointer(cfg, spec, run.run_id, self.parent.run_id,
+                                        f"trial {trial.number} expert {spec.name}", cadence)
+                    model, steps = expert_steps(cfg, method, spec, self.prep, ckpt)
+                    experts.append(_Expert(spec, key, model, steps, ckpt))
             step = 0
-            models = []
             try:
-                for spec in specs:
-                    def on_epoch(record, spec=spec):
-                        nonlocal step
-                        step += 1
-                        run.log_epoch({**{f"{k}__expert_{spec.name}": v for k, v in record.items()
-                                          if k.startswith("val_") or k == "train_loss"}, "epoch": step})
-                        # The expert's validation score decides pruning (its own classes' accuracy).
-                        trial.report(record["val_macro_acc"] if spec.other else record["val_acc"], step)
-                        if trial.should_prune():
-                            raise optuna.TrialPruned(f"pruned at step {step} ({spec.name} expert)")
-
+                while True:
                     t0 = time.perf_counter()
-                    model, _, _ = train_expert(cfg, method, spec, self.prep, on_epoch, False, self.cache)
-                    models.append(model)
+                    records = {}
+                    for e in experts:
+                        if e.steps is None:
+                            continue
+                        try:
+                            records[e.spec.name] = next(e.steps)
+                        except StopIteration as done:
+                            e.steps = None
+                            self.cache.put(e.key, e.model, done.value)
+                    if not records:
+                        break
+                    step += 1
+                    metrics = {f"{k}__expert_{name}": v for name, record in records.items() for k, v in record.items()
+                               if k.startswith("val_") or k == "train_loss"}
+                    # Epochs replayed from a checkpoint were reported by the trial this one retries.
+                    replayed = all(step <= e.checkpoint.resumed_epoch for e in experts if e.spec.name in records)
+                    if not replayed:
+                        value, _ = self.fused(cfg, layout, [e.model for e in experts])
+                        metrics["objective"] = value
                     compute += time.perf_counter() - t0
+                    run.log_epoch({**metrics, "epoch": step})
+                    if not replayed:
+                        trial.report(value, step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f"pruned at epoch {step}: fused {self.space.tune.metric} "
+                                                     f"{value:.4f}")
             except optuna.TrialPruned:
                 run.set_tags({"ltexp.trial_state": "PRUNED"})
                 run.status = "KILLED"
                 self._account(started, compute)
+                _clear(experts)
                 raise
             t0 = time.perf_counter()
-            from ltexp.predictor import FusedPredictor
-
-            predictor = FusedPredictor(models, layout, cfg.split.fusion, self.prep.data.info.class_names,
-                                       self.prep.data.image_shape)
-            val = (predictor.expert_outputs(self.prep.splits.val.images), self.prep.splits.val.labels)
-            row = fusion_table(layout, val, self.prep.data.info, rules=[cfg.split.fusion]).iloc[0]
-            val_metrics = {k[4:]: float(row[k]) for k in row.index if k.startswith("val_")}
-            value = objective_value(self.terms, val_metrics)
+            for e in experts:
+                e.model.eval()
+            value, val_metrics = self.fused(cfg, layout, [e.model for e in experts])
             compute += time.perf_counter() - t0
             run.log_metrics({**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value})
             run.set_tags({"ltexp.trial_state": "COMPLETE"})
             overhead = self._account(started, compute)
             run.log_metrics({"trial_time_s": self.trial_s[-1], "overhead_s": overhead})
+            _clear(experts)
         return value
+
+    def fused(self, cfg: RunConfig, layout, models: list) -> tuple[float, dict[str, float]]:
+        """The objective and validation metrics of the experts' fused prediction (trial's rule)."""
+        from ltexp.predictor import FusedPredictor
+
+        predictor = FusedPredictor(models, layout, cfg.split.fusion, self.prep.data.info.class_names,
+                                   self.prep.data.image_shape)
+        val = (predictor.expert_outputs(self.prep.splits.val.images), self.prep.splits.val.labels)
+        row = fusion_table(layout, val, self.prep.data.info, rules=[cfg.split.fusion]).iloc[0]
+        val_metrics = {k[4:]: float(row[k]) for k in row.index if k.startswith("val_")}
+        return objective_value(self.terms, val_metrics), val_metrics
 
     def _account(self, started: float, compute: float) -> float:
         total = time.perf_counter() - started
@@ -309,16 +365,11 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
     storage_url = tune.storage or default_storage()
     storage = open_storage(storage_url, tune.heartbeat_s)
 
-    sampler = optuna.samplers.TPESampler(seed=base.seed) if tune.sampler == "tpe" else optuna.samplers.RandomSampler(seed=base.seed)
-    if "://" in storage_url and not storage_url.startswith("sqlite"):
-        # A database server is shared by workers that all pass the same --seed (compose replicas
-        # do): identically seeded samplers would propose the same trials in every worker.
-        sampler.reseed_rng()
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=2),
               "none": optuna.pruners.NopPruner()}[tune.pruner]
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+        study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
     except Exception as exc:
         raise LtexpError(f"cannot create or load study {study_name!r} in {redact(storage_url)}: "
@@ -334,6 +385,12 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
                          f"--study-name (saved: {json.dumps(saved)[:200]})")
     if saved is None:
         study.set_user_attr("ltexp.search_space", json.loads(json.dumps(settings, default=str)))
+    study.sampler = build_sampler(tune.sampler, base.seed, len(study.get_trials(deepcopy=False)))
+    if "://" in storage_url and not storage_url.startswith("sqlite"):
+        # A database server is shared by workers that all pass the same --seed and may start at
+        # the same moment (compose replicas do): identically seeded samplers would propose the
+        # same trials in every worker.
+        study.sampler.reseed_rng()
 
     with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent:
         recorded = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -389,6 +446,16 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
                           {k: v for k, v in result.metrics.items() if k.startswith("test_") and "__" not in k},
                           version, promoted, decision, len(objective.trial_s), objective.cache.misses,
                           objective.cache.hits)
+
+
+def build_sampler(name: str, seed: int, trials_so_far: int):
+    """The study's sampler, seeded with the run seed *and* the number of trials already in the
+    study: a resumed study must not draw the same sequence again (a sampler seeded with the run
+    seed alone re-proposes, after a restart, exactly the parameters it has already evaluated)."""
+    session_seed = (seed * 1_000_003 + trials_so_far) % 2**32
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=session_seed)
+    return optuna.samplers.RandomSampler(seed=session_seed)
 
 
 @dataclass

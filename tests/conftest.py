@@ -11,6 +11,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The CIFAR archives below are generated, not the published files: let ltexp read them (still with
+# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache.
+os.environ["LTEXP_UNVERIFIED_CIFAR"] = "1"
+if "LTEXP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LTEXP_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+
 
 def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
     """Write a small archive in the official python format (torchvision's folder layout).
@@ -83,3 +91,15 @@ def subprocess_env(mlflow_store):
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     return env
+
+
+# Fixtures that start real processes, stores or servers: a test that uses one is end to end.
+E2E_FIXTURES = {"subprocess_env", "mlflow_store", "stack", "env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a store, a server or a subprocess as `e2e`, so
+    `pytest -m "not e2e"` runs the quick unit tests alone."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

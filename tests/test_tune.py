@@ -110,7 +110,14 @@ def test_interrupted_study_resumes_its_trial_count(subprocess_env, tmp_path):
         assert any(t.system_attrs.get("failed_trial") == failed[0].number for t in complete)
     # One parent MLflow run for the whole study, resumed by the second session.
     mlflow.set_tracking_uri(subprocess_env["MLFLOW_TRACKING_URI"])
-    assert len(_runs("tune")) == 1
+    assert len(_runs("tune")) == 1 and _runs("tune")[0].info.status == "FINISHED"
+    # The dead worker's trial run was closed by the sweep the second session ran on start.
+    running = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="attributes.status = 'RUNNING'")
+    assert running == []
+    # (When the kill came before the trial's MLflow run was opened there is nothing to close.)
+    killed = [t for t in _runs("trial") if t.info.status == "KILLED"]
+    assert all("is gone" in t.data.tags["ltexp.error"] for t in killed)
 
 
 def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tmp_path):
@@ -174,3 +181,38 @@ def test_mlflow_run_tune_entry_point(subprocess_env, tmp_path):
     assert parent.data.tags["mlflow.project.entryPoint"] == "tune" and parent.info.status == "FINISHED"
     assert len(_runs("trial")) == 2 and "test_acc" in parent.data.metrics
     assert MlflowClient().get_model_version_by_alias("ltexp-digits", "champion") is not None
+
+
+def test_a_trial_is_not_pruned_because_its_first_expert_owns_fewer_classes(mlflow_store, tmp_path):
+    """Split at rank 1: the head expert owns one class, so its own accuracy is 1.0 from the first
+    epoch. Were that reported, a balanced split (rank 5, an honest 5-class head) would look worse
+    at every step and be pruned. The pruner must see the fused validation objective instead."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="fair", storage=storage, direction="maximize")
+    one_class_head = {"split_at": 1, "clip": "off", "fusion": "concat"}
+    study.enqueue_trial(one_class_head)
+    study.enqueue_trial({**one_class_head, "clip": "on", "clip_norm": 5.0})  # trains its own experts
+    study.enqueue_trial({**one_class_head, "split_at": 5})
+    run_study(_cfg(), TuneConfig(n_trials=3, storage=storage, study_name="fair", pruner="median"))
+    trials = optuna.load_study(study_name="fair", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE"]
+    steps = {t.number: sorted(t.intermediate_values) for t in trials}
+    assert steps[0] == steps[1] == steps[2] == [1, 2, 3, 4]  # every trial reports at the same epochs
+    # What was reported is the fused score of all experts, not the 1-class expert's trivial 1.0.
+    assert max(trials[0].intermediate_values.values()) < 1.0
+    assert trials[2].intermediate_values[4] > trials[0].intermediate_values[4]
+    curve = MlflowClient().get_metric_history(next(t for t in _runs("trial")
+                                                   if t.data.tags["ltexp.trial_number"] == "2").info.run_id, "objective")
+    per_epoch = {m.step: m.value for m in curve if m.step > 0}  # step 0: the final objective
+    assert per_epoch == pytest.approx(trials[2].intermediate_values)
+
+
+def test_a_resumed_study_does_not_propose_evaluated_parameters_again(mlflow_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tune = dict(storage=storage, study_name="again", sampler="random", pruner="none", fusions="concat")
+    run_study(_cfg(epochs=1), TuneConfig(n_trials=2, **tune))
+    run_study(_cfg(epochs=1), TuneConfig(n_trials=4, **tune))  # a second session continues the study
+    trials = optuna.load_study(study_name="again", storage=storage).get_trials()
+    assert len(trials) == 4
+    first, second = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
+    assert not [p for p in second if p in first]

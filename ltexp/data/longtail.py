@@ -36,6 +36,9 @@ def long_tail_counts(n_max: int, num_classes: int, imb_type: str, imb_factor: fl
 
 def default_split_at(num_classes: int, num_groups: int = 2) -> tuple[int, ...]:
     """Ranks where groups 1..G-1 start, giving groups of (nearly) equal numbers of classes."""
+    if num_groups > num_classes:
+        raise LtexpError(f"--num-groups {num_groups} is more than the {num_classes} classes: "
+                         f"use 2..{num_classes} (one expert per group, at least one class each)")
     return tuple(int(g * num_classes / num_groups) for g in range(1, num_groups))
 
 

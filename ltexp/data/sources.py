@@ -80,6 +80,7 @@ class CifarLayout:
     meta_file: str
     names_key: str
     labels_key: str
+    file_md5: dict  # MD5 of every file in the folder, as torchvision publishes them
 
 
 CIFAR = {
@@ -87,17 +88,66 @@ CIFAR = {
         "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
         tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta",
-        "label_names", "labels"),
+        "label_names", "labels",
+        {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+         "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+         "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}),
     "cifar100": CifarLayout(
         "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-        ("train",), "test", "meta", "fine_label_names", "fine_labels"),
+        ("train",), "test", "meta", "fine_label_names", "fine_labels",
+        {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+         "meta": "7973b15100ade9c7d40fb424638fde48"}),
 }
+
+
+# Set to 1 to read CIFAR-format files that are not the published ones (your own data in that
+# format, or test fixtures); they are still read with `_ArraysOnly`, which cannot run code.
+UNVERIFIED_ENV = "LTEXP_UNVERIFIED_CIFAR"
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings and numpy arrays and nothing else: a pickle
+    asking for any other callable (how a tampered file runs code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(folder: Path, layout: "CifarLayout") -> None:
+    """Every file's MD5 against torchvision's published value, before anything is unpickled."""
+    import os
+
+    if os.environ.get(UNVERIFIED_ENV) == "1":
+        return
+    for name, expected in layout.file_md5.items():
+        actual = _md5(folder / name)
+        if actual != expected:
+            raise LtexpError(f"{folder / name} is not the published CIFAR file (MD5 {actual}, expected {expected}); "
+                             f"it was not loaded: delete {folder} to download it again, or set {UNVERIFIED_ENV}=1 "
+                             f"for your own data in CIFAR format")
 
 
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+        return _ArraysOnly(fh, encoding="latin1").load()
 
 
 def _read_cifar_batches(folder: Path, files: tuple[str, ...], labels_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +181,7 @@ def load_cifar_source(name: str, data_dir: str | Path, download: bool = True) ->
         except Exception as exc:  # offline, proxy, disk: all end in the same advice
             reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             raise LtexpError(_missing_cifar_message(name, layout, folder, reason)) from None
+    _verify(folder, layout)
     try:
         train_images, train_labels = _read_cifar_batches(folder, layout.train_files, layout.labels_key)
         test_images, test_labels = _read_cifar_batches(folder, (layout.test_file,), layout.labels_key)

@@ -1,0 +1,328 @@
+"""Run lifecycle: checkpoints and resume, signals, heartbeats, and the sweep of dead runs.
+
+A killed run must cost neither its training nor the truth of its record:
+
+- `Checkpointer` is the hook `engine.fit` calls: it saves weights, optimiser, scheduler,
+  sampler/augment generator and torch RNG state, epoch, stage and best-so-far state every
+  `--checkpoint-every` (epochs, or minutes of wall time) into a local cache keyed by the expert's
+  resolved configuration (`experiment.expert_key`), and hands it back when the identical command
+  runs again. Restoring every RNG makes the resumed run end bit-identical on CPU.
+- SIGTERM (docker stop, Kubernetes, Slurm) is turned into `Terminated`, a `KeyboardInterrupt`, so
+  it ends the run and its children KILLED like Ctrl-C does; the CLI exits 143.
+- Every run carries `ltexp.host`, `ltexp.pid` and a per-epoch `ltexp.heartbeat`; `sweep` closes
+  RUNNING runs whose process is gone (same host) or whose heartbeat is older than a limit.
+
+The MLflow calls live in `tracking.py`; this module holds the policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import ltexp
+from ltexp import LtexpError
+
+CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes; older files are ignored
+
+
+def cache_dir() -> Path:
+    """ltexp's local cache: `$LTEXP_CACHE`, else `$XDG_CACHE_HOME/ltexp`, else `~/.cache/ltexp`."""
+    if os.environ.get("LTEXP_CACHE"):
+        return Path(os.environ["LTEXP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "ltexp"
+
+
+def checkpoint_dir() -> Path:
+    return cache_dir() / "checkpoints"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*$")
+
+
+def parse_duration(text: str, flag: str = "--older-than") -> float:
+    """`90`, `90s`, `15m`, `2h` -> seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise LtexpError(f"{flag} {text!r} is not a duration: use e.g. 900, 900s, 15m or 2h")
+    unit = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often to checkpoint: every `epochs` epochs, or every `seconds` of wall time (0 = never)."""
+
+    epochs: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Every":
+        """`5` = every 5 epochs, `10m` / `30s` / `1h` = at the first epoch end after that much time, `0` = off."""
+        text = str(text).strip()
+        if re.fullmatch(r"\d+", text):
+            return cls(epochs=int(text))
+        if text.endswith(("s", "m", "h", "min")):
+            try:
+                return cls(seconds=parse_duration(text, "--checkpoint-every"))
+            except LtexpError:
+                pass
+        raise LtexpError(f"--checkpoint-every {text!r}: give epochs (e.g. 5), a time (e.g. 10m, 30s) or 0 (off)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epochs > 0 or self.seconds > 0
+
+
+class Cadence:
+    """Decides which epochs end with a checkpoint. One cadence can be shared by experts trained in
+    lockstep, so they all checkpoint at the same epoch and resume together."""
+
+    def __init__(self, every: Every):
+        self.every = every
+        self.last = time.monotonic()
+        self.decided: dict[int, bool] = {}
+
+    def due(self, epoch: int) -> bool:
+        if epoch not in self.decided:
+            now = time.monotonic()
+            if self.every.epochs:
+                self.decided[epoch] = epoch % self.every.epochs == 0
+            else:
+                self.decided[epoch] = bool(self.every.seconds) and now - self.last >= self.every.seconds
+            if self.decided[epoch]:
+                self.last = now
+        return self.decided[epoch]
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class Checkpointer:
+    """The checkpoint of one expert's training, keyed by its resolved configuration.
+
+    `engine.fit` calls `restore` once before training (the saved state, or None), `save` after
+    each epoch (it writes only when the cadence says so) and `finish` with the trained model, so a
+    run killed while training a later expert does not train this one again. `run_id` is the run
+    this expert's epochs are logged to, `root_run_id` the experiment run; both are stored so that
+    the run that resumes can close and name the run it continues.
+    """
+
+    key: str
+    every: Every = field(default_factory=lambda: Every(epochs=0))
+    resume: bool = True
+    run_id: str = ""
+    root_run_id: str = ""
+    label: str = ""                      # e.g. "expert tail", for the terminal message
+    cadence: Cadence | None = None
+    on_resume: Callable[[dict], None] | None = None
+    resumed_epoch: int = 0               # epochs taken from the checkpoint (0 = fresh start)
+
+    def __post_init__(self) -> None:
+        if self.cadence is None:
+            self.cadence = Cadence(self.every)
+
+    @property
+    def path(self) -> Path:
+        digest = hashlib.sha256(self.key.encode()).hexdigest()[:32]
+        return checkpoint_dir() / f"{digest}.pt"
+
+    def load(self) -> dict | None:
+        """The saved state, when resuming is on and a readable checkpoint of this key exists."""
+        if not self.resume or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file is not worth a crash: train afresh
+            print(f"ltexp: ignoring unreadable checkpoint {self.path} ({type(exc).__name__})", file=sys.stderr)
+            return None
+        if state.get("format") != CHECKPOINT_VERSION or state.get("key") != self.key:
+            return None
+        return state
+
+    def restore(self, model: torch.nn.Module, generator: torch.Generator) -> dict | None:
+        """Load the checkpoint into `model`, the sampling `generator` and torch's RNG; return the
+        loop state (epoch, stage, best so far, history), or None to start afresh."""
+        state = self.load()
+        if state is None:
+            return None
+        device = next(model.parameters()).device
+        model.load_state_dict(state["model"])
+        generator.set_state(state["generator"].to(generator.device) if generator.device.type != "cpu"
+                            else state["generator"])
+        _set_rng_states(state["rng"])
+        if state.get("stage_best_state") is not None:
+            state["stage_best_state"] = {k: v.to(device) for k, v in state["stage_best_state"].items()}
+        self.resumed_epoch = int(state["global_epoch"])
+        if self.on_resume is not None:
+            self.on_resume(state)
+        return state
+
+    def save(self, model: torch.nn.Module, generator: torch.Generator, optimizer, scheduler, loop: dict,
+             force: bool = False) -> bool:
+        """Write the state after an epoch when the cadence says so (or `force`); returns whether written."""
+        if not force and not (self.every.enabled and self.cadence.due(int(loop["global_epoch"]))):
+            return False
+        state = {"format": CHECKPOINT_VERSION, "key": self.key, "ltexp_version": ltexp.__version__,
+                 "run_id": self.run_id, "root_run_id": self.root_run_id, "saved_at": time.time(),
+                 "model": model.state_dict(), "generator": generator.get_state().cpu(), "rng": _rng_states(),
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None, **loop}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # atomic: a kill during the write leaves the previous checkpoint
+        return True
+
+    def finish(self, model: torch.nn.Module, generator: torch.Generator, loop: dict) -> None:
+        """Keep the trained expert (its final weights and history) until the run ends."""
+        if self.every.enabled:
+            self.save(model, generator, None, None, loop, force=True)
+
+    def clear(self) -> None:
+        """Remove the checkpoint (the run it belongs to has ended)."""
+        self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so runs end KILLED exactly as on Ctrl-C."""
+
+    exit_code = 143  # 128 + SIGTERM, what shells and schedulers expect
+
+
+def _raise_terminated(signum, frame):
+    # A second SIGTERM while the first is being handled must not interrupt the cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name} (pid {os.getpid()})")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM behaves like Ctrl-C: the active runs end KILLED with the reason in `ltexp.error`."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """The one line stored in `ltexp.error` for an interrupted run."""
+    if isinstance(exc, Terminated) and str(exc):
+        return str(exc)
+    return f"interrupted by SIGINT (Ctrl-C) (pid {os.getpid()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host, pid, heartbeat and the sweep
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def process_start_time(pid: int) -> float | None:
+    """Unix time a process started (Linux /proc), None when unknown; tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def pid_alive(pid: int, started_at: float | None = None) -> bool:
+    """Whether `pid` is a live process and, when `started_at` (its recorded start time) is known,
+    the same process rather than a later one that reused the pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if started_at is not None:
+        started = process_start_time(pid)
+        if started is not None and abs(started - started_at) > 2:  # /proc gives clock ticks: 2 s slack
+            return False
+    return True
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The tags by which a sweep recognises this process's runs."""
+    pid = os.getpid() if pid is None else pid
+    tags = {"ltexp.host": host(), "ltexp.pid": str(pid), "ltexp.heartbeat": f"{time.time():.0f}"}
+    started = process_start_time(pid)
+    if started is not None:
+        tags["ltexp.pid_start"] = f"{started:.0f}"
+    return tags
+
+
+def stale_reason(tags: dict[str, str], start_time_s: float, older_than_s: float, now: float | None = None) -> str | None:
+    """Why a RUNNING run is dead, or None if it may still be alive (or is not ltexp's to judge).
+
+    Same host: its pid is gone (or reused). Another host: its heartbeat (else its start) is older
+    than `older_than_s`.
+    """
+    now = time.time() if now is None else now
+    if "ltexp.pid" not in tags or "ltexp.host" not in tags:
+        return None
+    beat = float(tags.get("ltexp.heartbeat") or start_time_s)
+    if tags["ltexp.host"] == host():
+        pid = int(tags["ltexp.pid"])
+        if pid == os.getpid():
+            return None
+        recorded = float(tags["ltexp.pid_start"]) if tags.get("ltexp.pid_start") else None
+        if not pid_alive(pid, recorded):
+            return f"process {pid} on {tags['ltexp.host']} is gone (last heartbeat {_ago(now - beat)} ago)"
+        return None
+    if now - beat > older_than_s:
+        return f"no heartbeat from {tags['ltexp.host']} (pid {tags['ltexp.pid']}) for {_ago(now - beat)}"
+    return None
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def sweep(experiment_ids: list[str], older_than_s: float = 900.0) -> list[dict]:
+    """Close RUNNING runs of `experiment_ids` whose process died (KILLED, reason in `ltexp.error`);
+    return what was closed (run_id, run_name, experiment_id, reason, ...)."""
+    from ltexp import tracking
+
+    closed = []
+    for run in tracking.running_runs(experiment_ids):
+        reason = stale_reason(run["tags"], run["start_time_s"], older_than_s)
+        if reason is None:
+            continue
+        tracking.close_run(run["run_id"], "KILLED", f"closed by sweep: {reason}")
+        closed.append({**run, "reason": reason})
+    return closed

@@ -1,0 +1,410 @@
+"""Runs survive being killed: checkpoints and resume, SIGTERM, the sweep of dead runs, store failures.
+
+Real `ltexp train` processes, real signals sent by pid, real sqlite stores and a real HTTP listener
+on loopback. Digits, a few epochs: each process spends most of its time importing.
+"""
+
+import glob
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ltexp import lifecycle
+from ltexp.config import LossConfig, MethodConfig, OptimConfig, RunConfig
+from ltexp.data import build_long_tail
+from ltexp.data.device import DeviceImages, build_augment
+from ltexp.data.sources import load_digits_source
+from ltexp.engine import fit, predict_logits
+from ltexp.methods import build_method
+from ltexp.models import build_model, channel_stats
+
+TEST_KEYS_IGNORED = {"test_time_s"}  # wall time; every other test metric must match exactly
+
+
+def _ltexp(args, env, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "ltexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 600), **kw)
+
+
+@pytest.fixture
+def env(subprocess_env, tmp_path):
+    """CLI environment with its own checkpoint cache and one torch thread (bit-identical floats)."""
+    return {**subprocess_env, "LTEXP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _runs(uri):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def _test_metrics(run):
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("test_") and k not in TEST_KEYS_IGNORED}
+
+
+def _start(args, env, cwd):
+    return subprocess.Popen([sys.executable, "-m", "ltexp", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_mid_training(args, env, cwd, sig):
+    """Start `ltexp train args`, send `sig` by pid once it has written a checkpoint (or, when it
+    resumes, once it says so), a few epochs later: inside an epoch, not at a boundary."""
+    proc = _start(args, env, cwd)
+    pattern = os.path.join(env["LTEXP_CACHE"], "checkpoints", "*.pt")
+    resuming, first = bool(glob.glob(pattern)), ""
+    if resuming:  # wait for "resuming from epoch ..." (printed with flush) rather than the file
+        first = proc.stdout.readline()
+        assert first.startswith("resuming from epoch"), first
+        said = time.time()
+        while time.time() < said + 300 and proc.poll() is None and \
+                max(os.path.getmtime(p) for p in glob.glob(pattern)) < said:
+            time.sleep(0.005)  # until this process has written a checkpoint of its own
+    deadline = time.time() + 300
+    while not resuming and time.time() < deadline and not glob.glob(pattern) and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.communicate()[1][-2000:]}"
+    time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, first + out, err
+
+
+def _reference_metrics(args, monkeypatch):
+    """The uninterrupted run, in this process (one torch thread, as the CLI runs get)."""
+    from ltexp.cli import _sections, build_parser
+    from ltexp.config import resolve_config
+    from ltexp.experiment import run_experiment
+
+    parsed = build_parser().parse_args(["train", *args, "--no-resume", "--experiment", "reference"])
+    cfg = resolve_config(_sections(parsed), seed=parsed.seed, device=parsed.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_experiment(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v for k, v in result.metrics.items() if k.startswith("test_") and k not in TEST_KEYS_IGNORED
+            and v == v}  # NaN (no many-shot class in digits) is not logged
+
+
+def test_sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run(env, tmp_path, monkeypatch):
+    """A split run (two experts, each with an LWS stage) is stopped by SIGTERM, resumed, killed by
+    SIGKILL, and resumed again: its test metrics equal the uninterrupted run's exactly."""
+    args = ["--method", "split", "--epochs", "20", "--lws-epochs", "2", "--checkpoint-every", "1", "--no-progress"]
+    monkeypatch.setenv("LTEXP_CACHE", env["LTEXP_CACHE"])
+    reference = _reference_metrics(args, monkeypatch)
+    assert len(reference) >= 12  # acc, head/tail/shots, macro, ece, nll, oracle, routing
+    checkpoints = os.path.join(env["LTEXP_CACHE"], "checkpoints", "*.pt")
+    assert not glob.glob(checkpoints)  # a finished run keeps none
+
+    code, _, err = _kill_mid_training(args, env, tmp_path, signal.SIGTERM)
+    assert code == 143 and "terminated by signal SIGTERM" in err and "Traceback" not in err
+    code, out, _ = _kill_mid_training(args, env, tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL and out.startswith("resuming from epoch")
+    final = _ltexp(["train", *args], env, tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    lines = [line for line in final.stdout.splitlines() if line.startswith("resuming from epoch")]
+    assert lines, final.stdout[-2000:]
+
+    runs = [r for r in _runs(env["MLFLOW_TRACKING_URI"])
+            if MlflowClient().get_experiment(r.info.experiment_id).name == "ltexp"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the SIGKILLed ones were swept
+    parents = {r.info.run_id: r for r in runs if r.data.tags["ltexp.role"] == "experiment"}
+    assert len(parents) == 3
+    last = next(r for r in parents.values() if r.info.status == "FINISHED")
+    second = parents[last.data.tags["ltexp.resumed_from"]]
+    first = parents[second.data.tags["ltexp.resumed_from"]]
+    assert f"of run {second.info.run_id}" in lines[0]
+    # Interrupted runs are closed KILLED, say why, and name the run that continued them.
+    assert first.info.status == second.info.status == "KILLED"
+    assert first.data.tags["ltexp.resumed_by"] == second.info.run_id
+    assert second.data.tags["ltexp.resumed_by"] == last.info.run_id
+    assert first.data.tags["ltexp.error"].startswith("terminated by signal SIGTERM")
+    assert "is gone" in second.data.tags["ltexp.error"]  # closed by the sweep of the final command
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in (first.info.run_id, second.info.run_id)]
+    assert children and all(c.info.status in ("KILLED", "FINISHED") for c in children)
+    # Bit-identical to the uninterrupted run with the same seed.
+    logged = _test_metrics(last)
+    assert set(logged) == set(reference), set(logged) ^ set(reference)
+    assert logged == pytest.approx(reference, rel=0, abs=1e-7)  # float32 -> float64 in the store
+    # The final run's experts carry the whole metric history, the epochs before the kills included.
+    for child in (r for r in runs if r.data.tags.get("mlflow.parentRunId") == last.info.run_id):
+        steps = [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(1, 23)), child.data.tags["ltexp.expert"]
+    assert not glob.glob(checkpoints)
+
+
+def test_no_resume_flag():
+    from ltexp.cli import _sections, build_parser
+    from ltexp.config import resolve_config
+
+    for flags, expected in (([], True), (["--no-resume"], False), (["--resume", "false"], False)):
+        parsed = build_parser().parse_args(["train", *flags])
+        assert resolve_config(_sections(parsed)).tracking.resume is expected
+
+
+def test_fit_resumes_bit_identical_across_a_stage_boundary(tmp_path, monkeypatch):
+    """In-process: LWS decoupled has two stages; stop inside the second, resume, compare weights."""
+    monkeypatch.setenv("LTEXP_CACHE", str(tmp_path))
+    data = build_long_tail(load_digits_source(), "exp", 0.1, "holdout", 20, seed=0)
+    cfg = RunConfig(optim=OptimConfig(epochs=4, batch_size=64, lr=0.05, lr_step=2),
+                    method=MethodConfig("lws", lws_mode="decoupled", lws_epochs=3), loss=LossConfig(loss="ce"))
+    stages = build_method(cfg).stages(data.info)
+    train = DeviceImages.from_numpy(data.train_images, data.train_labels, "cpu")
+    val = DeviceImages.from_numpy(data.val_images, data.val_labels, "cpu")
+
+    def model():
+        torch.manual_seed(0)
+        mean, std = channel_stats(data.train_images)
+        return build_model("smallcnn", data.image_shape, data.info.num_classes, mean, std)
+
+    def run(m, checkpoint=None, on_epoch=None):
+        return fit(m, train, val, stages, data.info, batch_size=64, clip_norm=0.0, augment=build_augment("crop", 8),
+                   seed=3, checkpoint=checkpoint, on_epoch=on_epoch)
+
+    reference = model()
+    ref = run(reference)
+
+    def stop_at_6(record):
+        if record["epoch"] == 6:
+            raise KeyboardInterrupt
+
+    ckpt = lifecycle.Checkpointer("k", lifecycle.Every(epochs=1))
+    with pytest.raises(KeyboardInterrupt):
+        run(model(), ckpt, stop_at_6)
+    seen = []
+    resumed_model = model()
+    ckpt = lifecycle.Checkpointer("k", lifecycle.Every(epochs=1))
+    result = run(resumed_model, ckpt, seen.append)
+    assert ckpt.resumed_epoch == 5  # epoch 6 was interrupted before its checkpoint
+    assert [r["epoch"] for r in seen] == list(range(1, 8))  # the first 5 replayed, then 6 and 7
+    assert result.best_epoch == ref.best_epoch and result.best_val_acc == ref.best_val_acc
+    assert [h["val_acc"] for h in result.history] == [h["val_acc"] for h in ref.history]
+    assert torch.equal(predict_logits(resumed_model, val.images), predict_logits(reference, val.images))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    # The run completed: its final state is kept (until the experiment clears it) and resumes as done.
+    seen.clear()
+    again = model()
+    run(again, lifecycle.Checkpointer("k", lifecycle.Every(epochs=1)), seen.append)
+    assert len(seen) == 7 and torch.equal(predict_logits(again, val.images), predict_logits(reference, val.images))
+    # resume=False (--no-resume) ignores the checkpoint and trains from epoch 1.
+    seen.clear()
+    ckpt = lifecycle.Checkpointer("k", lifecycle.Every(epochs=1), resume=False)
+    run(model(), ckpt, seen.append)
+    assert ckpt.resumed_epoch == 0 and [r["epoch"] for r in seen] == list(range(1, 8))
+
+
+def test_checkpoint_every_parses_epochs_and_time():
+    assert lifecycle.Every.parse("3") == lifecycle.Every(epochs=3)
+    assert lifecycle.Every.parse("10m") == lifecycle.Every(seconds=600.0)
+    assert not lifecycle.Every.parse("0").enabled
+    with pytest.raises(lifecycle.LtexpError, match="--checkpoint-every 'often'"):
+        lifecycle.Every.parse("often")
+    cadence = lifecycle.Cadence(lifecycle.Every(epochs=2))
+    assert [cadence.due(e) for e in (1, 2, 3, 4)] == [False, True, False, True]
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_closes_runs_whose_process_is_gone(env, tmp_path, mlflow_store):
+    client = MlflowClient()
+    experiment = client.create_experiment("sweep")
+    host = socket.gethostname()
+    now = time.time()
+    runs = {
+        "dead_here": {"ltexp.host": host, "ltexp.pid": str(_dead_pid()), "ltexp.heartbeat": f"{now:.0f}"},
+        "alive_here": {"ltexp.host": host, "ltexp.pid": str(os.getpid()), "ltexp.heartbeat": f"{now - 3600:.0f}"},
+        "silent_elsewhere": {"ltexp.host": "other-host", "ltexp.pid": "1", "ltexp.heartbeat": f"{now - 120:.0f}"},
+        "fresh_elsewhere": {"ltexp.host": "other-host", "ltexp.pid": "1", "ltexp.heartbeat": f"{now:.0f}"},
+        "not_ltexp": {},
+    }
+    ids = {name: client.create_run(experiment, run_name=name, tags=tags).info.run_id for name, tags in runs.items()}
+    proc = _ltexp(["runs", "sweep", "--older-than", "60s"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"dead_here": "KILLED", "alive_here": "RUNNING", "silent_elsewhere": "KILLED",
+                      "fresh_elsewhere": "RUNNING", "not_ltexp": "RUNNING"}
+    assert "is gone" in client.get_run(ids["dead_here"]).data.tags["ltexp.error"]
+    assert "no heartbeat from other-host" in client.get_run(ids["silent_elsewhere"]).data.tags["ltexp.error"]
+    assert ids["dead_here"] in proc.stdout and ids["silent_elsewhere"] in proc.stdout
+    assert "2 stale run(s) closed" in proc.stdout
+
+
+def test_train_sweeps_its_experiment_on_start(env, tmp_path, mlflow_store):
+    client = MlflowClient()
+    experiment = client.create_experiment("ltexp")
+    stale = client.create_run(experiment, tags={"ltexp.host": socket.gethostname(), "ltexp.pid": str(_dead_pid())})
+    proc = _ltexp(["train", "--epochs", "1", "--no-progress"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"closed stale run {stale.info.run_id}" in proc.stderr
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    fresh = [r for r in _runs(env["MLFLOW_TRACKING_URI"]) if r.info.run_id != stale.info.run_id]
+    assert fresh[0].data.tags["ltexp.pid"] and fresh[0].data.tags["ltexp.host"] == socket.gethostname()
+    assert float(fresh[0].data.tags["ltexp.heartbeat"]) > time.time() - 600
+
+
+# --------------------------------------------------------------------------------------------
+# Store failures: one line, before any training
+
+
+def test_two_first_runs_on_a_fresh_sqlite_store_both_succeed(env, tmp_path):
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--no-progress"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    assert len([r for r in _runs(env["MLFLOW_TRACKING_URI"]) if r.info.status == "FINISHED"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(proc):
+    assert proc.returncode != 0
+    # MLflow's own INFO lines (store creation) may precede it; ltexp says one thing.
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO mlflow" not in line]
+    assert len(lines) == 1 and lines[0].startswith("ltexp: error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_unreachable_tracking_server_fails_fast(env, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    started = time.time()
+    proc = _ltexp(["train", "--epochs", "1", "--no-progress"], {**env, "MLFLOW_TRACKING_URI": uri}, tmp_path)
+    assert time.time() - started < 40
+    line = _one_error_line(proc)
+    assert f"tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable" in line
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error_code": "UNAUTHENTICATED", "message": "You are not authenticated."}')
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unauthenticated_server_names_the_credential_variables(env, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = _ltexp(["train", "--epochs", "1", "--no-progress"], {**env, "MLFLOW_TRACKING_URI": uri}, tmp_path)
+    finally:
+        server.shutdown()
+    line = _one_error_line(proc)
+    assert f"tracking server {uri} refused access (HTTP 401)" in line
+    assert "MLFLOW_TRACKING_USERNAME" in line and "MLFLOW_TRACKING_TOKEN" in line
+
+
+def test_unsupported_scheme_is_one_line(env, tmp_path):
+    proc = _ltexp(["train", "--epochs", "1"], {**env, "MLFLOW_TRACKING_URI": "ftp://example/store"}, tmp_path)
+    assert "unsupported tracking URI 'ftp://example/store'" in _one_error_line(proc)
+
+
+def _ltexp_without_root_powers(args, env, cwd):
+    """`ltexp args`, where root drops the capabilities that let it ignore file modes."""
+    if os.getuid() != 0:
+        return _ltexp(args, env, cwd)
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without util-linux setpriv: file modes cannot be enforced")
+    return subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--",
+                           sys.executable, "-m", "ltexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_read_only_store_file_and_folder(env, tmp_path):
+    shared = tmp_path / "ro"
+    shared.mkdir()
+    try:
+        store = shared / "mlflow.db"
+        proc = _ltexp(["runs", "sweep"], {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}, shared)
+        assert proc.returncode == 0, proc.stderr[-2000:]  # creates the store
+        os.chmod(store, 0o444)
+        child_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HOME": str(shared),
+                     "LTEXP_CACHE": str(shared / "cache")}
+        proc = _ltexp_without_root_powers(["train", "--epochs", "1", "--no-progress"], child_env, shared)
+        line = _one_error_line(proc)
+        assert f"tracking store sqlite:///{store}" in line and "read-only" in line
+        fresh = shared / "sub" / "new.db"
+        fresh.parent.mkdir(mode=0o555)
+        proc = _ltexp_without_root_powers(["train", "--epochs", "1", "--no-progress"],
+                                          {**child_env, "MLFLOW_TRACKING_URI": f"sqlite:///{fresh}"}, shared)
+        assert "cannot be created: folder" in _one_error_line(proc)
+    finally:
+        os.chmod(shared / "sub", 0o755)  # let pytest clean up
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs rejected before work
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--register-as", "bad/name"], "--register-as 'bad/name' is not a valid registered-model name"),
+    (["--register-as", "ok", "--alias", "v3"], "--alias 'v3' is reserved"),
+    (["--device", "mps"], "--device mps asked for, but torch sees no Apple MPS device"),
+    (["--method", "split", "--num-groups", "20"], "--num-groups 20 is more than the 10 classes"),
+    (["--checkpoint-every", "often"], "--checkpoint-every 'often'"),
+])
+def test_bad_input_is_one_line_before_training(env, tmp_path, args, fragment):
+    proc = _ltexp(["train", "--epochs", "1", "--no-progress", *args], env, tmp_path)
+    assert fragment in _one_error_line(proc)
+    # Nothing trained: no run finished, and a run that was opened says why it failed.
+    for run in _runs(env["MLFLOW_TRACKING_URI"]):
+        assert run.info.status == "FAILED" and fragment in run.data.tags["ltexp.error"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_tampered_cifar_file_is_never_unpickled(env, tmp_path):
+    import pickle
+
+    from conftest import write_cifar_archive
+
+    folder = write_cifar_archive(tmp_path / "cifar", "cifar10", 20, 5)
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({"data": _Exploit(), "labels": []}, fh, protocol=2)
+    strict = {k: v for k, v in env.items() if k != "LTEXP_UNVERIFIED_CIFAR"}
+    proc = _ltexp(["data", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")], strict, tmp_path)
+    line = _one_error_line(proc)
+    assert "data_batch_1 is not the published CIFAR file (MD5" in line and "it was not loaded" in line
+    # Even when unverified files are allowed, the loader builds arrays only: no code runs.
+    proc = _ltexp(["data", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")],
+                  {**env, "LTEXP_UNVERIFIED_CIFAR": "1"}, tmp_path)
+    assert "refusing to load posix.system" in _one_error_line(proc)
+    assert not (tmp_path / "pwned").exists()
