@@ -170,8 +170,7 @@ class Checkpointer:
             return None
         device = next(model.parameters()).device
         model.load_state_dict(state["model"])
-        generator.set_state(state["generator"].to(generator.device) if generator.device.type != "cpu"
-                            else state["generator"])
+        generator.set_state(state["generator"])  # a CPU byte tensor, for CPU and CUDA generators alike
         _set_rng_states(state["rng"])
         if state.get("stage_best_state") is not None:
             state["stage_best_state"] = {k: v.to(device) for k, v in state["stage_best_state"].items()}

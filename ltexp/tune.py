@@ -267,6 +267,11 @@ class Objective:
                         if trial.should_prune():
                             raise optuna.TrialPruned(f"pruned at epoch {step}: fused {self.space.tune.metric} "
                                                      f"{value:.4f}")
+            except KeyboardInterrupt:
+                # Ctrl-C / SIGTERM: Optuna fails the trial; queue its parameters so the next session
+                # runs it first and its experts continue from their checkpoints.
+                trial.study.enqueue_trial(trial.params, user_attrs={"ltexp.retry_of": trial.number})
+                raise
             except optuna.TrialPruned:
                 run.set_tags({"ltexp.trial_state": "PRUNED"})
                 run.status = "KILLED"

@@ -216,3 +216,30 @@ def test_a_resumed_study_does_not_propose_evaluated_parameters_again(mlflow_stor
     assert len(trials) == 4
     first, second = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
     assert not [p for p in second if p in first]
+
+
+def test_a_terminated_trial_resumes_from_its_checkpoint(subprocess_env, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**subprocess_env, "LTEXP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ltexp", "tune", "--n-trials", "2", "--epochs", "20", "--lws-epochs", "1",
+           "--storage", storage, "--study-name", "term", "--pruner", "none", "--fusions", "concat",
+           "--checkpoint-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "cache").rglob("*.pt")):
+        time.sleep(0.005)
+    time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-2000:]
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [line for line in rerun.stdout.splitlines() if line.startswith("resuming from epoch")]
+    assert resumed and "(trial 1 expert head" in resumed[0], rerun.stdout[-2000:]  # trial 1 retries trial 0
+    trials = optuna.load_study(study_name="term", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["ltexp.retry_of"] == 0
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = {t.data.tags["ltexp.trial_number"]: t for t in _runs("trial")}
+    assert runs["0"].info.status == "KILLED" and runs["0"].data.tags["ltexp.resumed_by"] == runs["1"].info.run_id
+    assert runs["0"].data.tags["ltexp.error"].startswith("terminated by signal SIGTERM")
+    assert not list((tmp_path / "cache").rglob("*.pt"))  # trials that ended leave no checkpoint behind
