@@ -66,6 +66,7 @@ def main() -> int:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="ltexp-bench-team-"))
+    root.chmod(0o755)  # PostgreSQL runs as the postgres user when we are root
     try:
         if args.auth_cache_ttl is not None:
             config = configparser.ConfigParser()

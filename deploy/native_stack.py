@@ -116,6 +116,9 @@ def postgres(root: Path, user: str, password: str) -> Iterator[str]:
         shutil.chown(root, "postgres")
         shutil.chown(pwfile, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
+        if subprocess.run([*as_user, "test", "-r", str(pwfile)], capture_output=True).returncode != 0:
+            raise RuntimeError(f"PostgreSQL runs as the postgres user, who cannot reach {root}: "
+                               "choose a folder whose parents others may enter (e.g. a new one in /tmp)")
     pwfile.chmod(0o600)
     (port,) = free_ports(1)
     _run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A", "scram-sha-256",
