@@ -218,7 +218,9 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
     queue, created = tune.open_cell_queue(storage_url, name, len(cells), settings, grid.heartbeat_s)
     tags = {"ltexp.grid": name, "ltexp.preset": grid.preset}
     ran, reused, failed = [], [], []
-    with tracking.start_role_run(experiment, name, "grid", tags, queue.parent_run_id) as parent:
+    # One parent run per grid: the worker that created the study opens it, the others join it.
+    parent_id = queue.parent_run_id if created else queue.wait_parent_run_id()
+    with tracking.start_role_run(experiment, name, "grid", tags, parent_id) as parent:
         if queue.parent_run_id is None:
             queue.set_parent_run_id(parent.run_id)
         parent.log_params({"grid_name": name, "storage": tune.redact(storage_url), "cells": len(cells),

@@ -451,6 +451,13 @@ class CellQueue:
     def set_parent_run_id(self, run_id: str) -> None:
         self.study.set_user_attr(_PARENT_ATTR, run_id)
 
+    def wait_parent_run_id(self, wait_s: float = 60.0) -> str | None:
+        """The parent run id, waiting up to `wait_s` seconds for the creating worker to set it."""
+        deadline = time.monotonic() + wait_s
+        while self.parent_run_id is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self.parent_run_id
+
     # -- changing it
     def _enqueue(self, cell: int, user_attrs: dict | None = None) -> None:
         self.study.add_trial(optuna.trial.create_trial(
@@ -578,7 +585,16 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
     error. A worker that finds the study still being filled waits up to `wait_s` seconds for
     the creator, then repairs the queue itself (`requeue_unfinished`).
     """
-    storage = open_storage(storage_url, heartbeat_s)
+    for attempt in range(3):
+        try:
+            storage = open_storage(storage_url, heartbeat_s)
+            break
+        except LtexpError:
+            # Workers started together on an empty database race to create Optuna's tables
+            # (PostgreSQL: duplicate key in pg_type); the loser finds them there a moment later.
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
     settings = json.loads(json.dumps(settings, default=str))
     # The trial value is the cell's validation accuracy: bookkeeping, nothing is selected on it.
     sampler = optuna.samplers.RandomSampler(seed=0)
