@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(GridConfig):
         kind = "int" if f.type in ("int", int) else "str"
         grid.add_argument("--" + f.name.replace("_", "-"), dest="grid_" + f.name, default=f.default,
-                          type=_typed(kind, f.name, False), help=f"{f.metadata['help']} (default: {f.default})")
+                          type=_typed(kind, f.name, False), metavar=kind.upper(),
+                          help=f"{f.metadata['help']} (default: {f.default})")
     for section in TRAIN_SECTIONS:  # every train setting, fixed for all cells; unset ones stay unset
         _add_section(grid, section, {f.name for f in fields(SECTIONS[section])} - MATRIX_FIELDS)
     for action in grid._actions:

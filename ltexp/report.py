@@ -156,22 +156,27 @@ def _paper_value(paper: pd.DataFrame, dataset, imb_type, imb_factor, method, met
     return f"{float(hit['value'].iloc[0]):.2f}" if len(hit) else "–"
 
 
-def method_label(row) -> str:
+def method_label(row, has_oracle: bool) -> str:
+    """`split [epochs=5] — oracle (...)`: the method, its variant, and for expert methods (those
+    with an oracle row) which of the two evaluations the row is."""
     label = str(row["method"])
     if row.get("variant"):
         label += f" [{row['variant']}]"
     if row["evaluation"] != HONEST:
         label += f" — {row['evaluation']}"
-    elif label.startswith("split"):
+    elif has_oracle:
         label += " — honest (fused)"
     return label
+
+
+def _has_oracle(summary: pd.DataFrame, method: str) -> bool:
+    return bool(((summary["method"] == method) & (summary["evaluation"] != HONEST)).any())
 
 
 def _shows_paper(summary: pd.DataFrame, method: str, evaluation: str) -> bool:
     """The paper's figure sits on the row measured the way the paper measured it: the oracle row
     of an expert method, the only row of any other method."""
-    has_oracle = ((summary["method"] == method) & (summary["evaluation"] != HONEST)).any()
-    return evaluation != HONEST if has_oracle else True
+    return evaluation != HONEST if _has_oracle(summary, method) else True
 
 
 def table2(summary: pd.DataFrame, paper: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -182,7 +187,7 @@ def table2(summary: pd.DataFrame, paper: pd.DataFrame) -> dict[str, pd.DataFrame
                                                                          sort=True):
         rows = []
         for _, row in part.iterrows():
-            record = {"Method": method_label(row), "n": int(row["n"])}
+            record = {"Method": method_label(row, _has_oracle(part, row["method"])), "n": int(row["n"])}
             for key, title in MAIN:
                 record[title] = fmt(row[f"{key}_mean"], row[f"{key}_std"])
             show = _shows_paper(part, row["method"], row["evaluation"])
@@ -208,7 +213,8 @@ def eight_datasets(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
                                                    np.isclose(paper["imb_factor"], first[s]["imb_factor"])].empty]
     rows = []
     for (method, variant, evaluation), part in summary.groupby(["method", "variant", "evaluation"], sort=True):
-        label = method_label({"method": method, "variant": variant, "evaluation": evaluation})
+        label = method_label({"method": method, "variant": variant, "evaluation": evaluation},
+                             _has_oracle(summary, method))
         show = _shows_paper(summary, method, evaluation)
         for key, title in (("acc", "Total"), ("head_acc", "Head"), ("tail_acc", "Tail")):
             record = {"Method": label, "": title}
@@ -348,7 +354,7 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
         ax.set_xlabel("head-class test accuracy")
         ax.set_ylabel("tail-class test accuracy")
         ax.set_title("Head vs tail accuracy, every run (hollow: oracle routing)")
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         save(fig, "head_vs_tail", "Head vs tail accuracy of every run")
     return figures
