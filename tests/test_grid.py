@@ -63,6 +63,24 @@ def test_grid_end_to_end_then_the_same_command_launches_nothing(mlflow_store, tm
     assert len(_runs("tags.`ltexp.role` = 'experiment'")) == 12
 
 
+def test_failed_cells_fail_the_grid_and_a_rerun_retries_only_them(mlflow_store, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    argv = ["grid", "--datasets", f"digits,folder:{missing}", "--methods", "baseline", "--imb-types", "exp",
+            "--imb-factors", "0.1", "--seeds", "0", "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+            "--no-progress"]
+    for attempt in (1, 2):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and err.startswith("ltexp: error: grid grid-") and "1 of 2 cells failed" in err
+        failed = _runs("tags.`ltexp.role` = 'experiment' and attributes.status = 'FAILED'")
+        assert len(failed) == attempt and "missing does not exist" in failed[0].data.tags["ltexp.error"]
+        done = _runs("tags.`ltexp.role` = 'experiment' and attributes.status = 'FINISHED'")
+        assert [r.info.run_name for r in done] == ["baseline·digits·exp0.1·s0"]  # run once, then skipped
+    (parent,) = _runs("tags.`ltexp.role` = 'grid'")
+    assert parent.info.status == "FAILED" and "1 of 2 cells failed" in parent.data.tags["ltexp.error"]
+
+
 def test_a_killed_grid_restarted_runs_only_the_missing_cells(subprocess_env, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "ltexp", "grid", "--methods", "baseline", "--imb-types", "exp", "--imb-factors",
@@ -132,6 +150,33 @@ def test_two_workers_share_one_postgres_storage_and_run_every_cell_once(postgres
     trials = optuna.load_study(study_name=grid, storage=storage).get_trials()
     assert sorted(t.params["cell"] for t in trials) == list(range(8))
     assert {t.state.name for t in trials} == {"COMPLETE"}
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp_path, kind):
+    from ltexp import tune
+
+    url = str(tmp_path / "grid.log") if kind == "journal" else f"sqlite:///{tmp_path / 'grid.db'}"
+    a, created_a = tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
+    b, created_b = tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
+    assert created_a and not created_b
+    held_by_a, held_by_b = a.claim(), b.claim()
+    assert (held_by_a.cell, held_by_b.cell) == (0, 1)  # one cell each, lowest first
+    a.set_attrs(held_by_a, {tune.RUN_ID_ATTR: "run-of-the-dead-worker"})
+    assert b.finish(held_by_b, 0.5, {})
+    time.sleep(3.5)  # worker a is dead: no beat for more than 2 x 1 s (sqlite's clock has 1 s steps)
+    third = b.claim()  # fails a's stale cell and puts it back behind cell 2
+    assert third.cell == 2 and b.counts() == {"done": 1, "running": 1, "waiting": 1, "failed": 0}
+    assert b.finish(third, 0.5, {})
+    retry = b.claim()
+    assert retry.cell == 0 and retry.earlier_run_ids == ["run-of-the-dead-worker"]
+    assert b.finish(retry, 0.5, {}) and not a.finish(held_by_a, 0.5, {})  # the dead attempt cannot finish now
+    assert b.counts() == {"done": 3, "running": 0, "waiting": 0, "failed": 0} and b.claim() is None
+    b._enqueue(1)  # a cell enqueued twice (two workers repairing the queue at once) still runs once
+    assert b.claim() is None and b.counts()["done"] == 3
+    assert [t.user_attrs.get("ltexp.duplicate_of") for t in b.trials()][-1] is not None
+    with pytest.raises(LtexpError, match="exists .* with other cells or settings"):
+        tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 4]}, heartbeat_s=1)
 
 
 def test_paper_preset_sets_the_papers_protocol_and_explicit_settings_win():
