@@ -372,8 +372,10 @@ def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, st
     run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None  # nested runs below must be new runs
     if run_id is None and resume_run_id:
         try:
-            MlflowClient().get_run(resume_run_id)
+            resumed = MlflowClient().get_run(resume_run_id)
             run_id = resume_run_id
+            # Nested runs go to the *active* experiment, not their parent's: make it the parent's.
+            mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the grid outlived its tracking store: start a new parent run
     if run_id is None:

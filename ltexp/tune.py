@@ -410,12 +410,41 @@ class CellClaim:
 class CellQueue:
     """The cells of one grid as trials of one Optuna study (see the comment above)."""
 
-    def __init__(self, study: optuna.Study, storage, n_cells: int, heartbeat_s: int):
+    def __init__(self, study: optuna.Study, storage, n_cells: int, heartbeat_s: int, lock_path: Path | None = None):
         self.study = study
         self.storage = storage
         self.n_cells = n_cells
         self.heartbeat_s = heartbeat_s
         self.native_heartbeat = isinstance(storage, optuna.storages.RDBStorage)
+        self.lock_path = lock_path
+
+    def _exclusive(self):
+        """A context manager holding an exclusive lock on `lock_path` (sqlite storages).
+
+        Through SQLAlchemy, sqlite runs the compare-and-set's SELECT outside the write
+        transaction (it ignores FOR UPDATE), so two processes can both see a cell WAITING and
+        both take it (measured: one cell of 48 ran twice with two workers). A file lock beside
+        the database makes claiming and re-queueing one process at a time; sqlite serves one
+        machine, where such a lock holds. PostgreSQL and MySQL lock the row; journal files
+        order the operations in their log.
+        """
+        from contextlib import contextmanager, nullcontext
+
+        if self.lock_path is None:
+            return nullcontext()
+
+        @contextmanager
+        def locked():
+            import fcntl
+
+            with open(self.lock_path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+        return locked()
 
     # -- reading the queue
     def trials(self) -> list[optuna.trial.FrozenTrial]:
@@ -469,9 +498,10 @@ class CellQueue:
         """Enqueue again every cell that has no COMPLETE, RUNNING or WAITING trial (it failed, or
         its retries were used up): a rerun of the grid re-runs failed and killed cells."""
         live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-        cells = [cell for cell, trials in self.cell_states().items() if not any(t.state in live for t in trials)]
-        for cell in cells:
-            self._enqueue(cell)
+        with self._exclusive():
+            cells = [cell for cell, trials in self.cell_states().items() if not any(t.state in live for t in trials)]
+            for cell in cells:
+                self._enqueue(cell)
         return cells
 
     def fail_stale(self) -> None:
@@ -503,6 +533,10 @@ class CellQueue:
         RUNNING one with a lower number (enqueued twice by workers repairing the queue at the
         same moment), is set PRUNED with `ltexp.duplicate_of` and the next one is tried.
         """
+        with self._exclusive():
+            return self._claim()
+
+    def _claim(self) -> CellClaim | None:
         self.fail_stale()
         waiting = sorted((t for t in self.trials() if t.state == optuna.trial.TrialState.WAITING),
                          key=lambda t: t.number)
@@ -607,7 +641,8 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
     except Exception as exc:
         raise LtexpError(f"cannot create or load grid study {name!r} in {redact(storage_url)}: "
                          f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
-    queue = CellQueue(study, storage, n_cells, heartbeat_s)
+    lock = Path(f"{storage_url[len('sqlite:///'):]}.ltexp-lock") if storage_url.startswith("sqlite:///") else None
+    queue = CellQueue(study, storage, n_cells, heartbeat_s, lock)
     if created:
         study.set_user_attr(_SETTINGS_ATTR, settings)
         for cell in range(n_cells):

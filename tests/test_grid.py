@@ -145,6 +145,8 @@ def test_two_workers_share_one_postgres_storage_and_run_every_cell_once(postgres
     assert len({r.data.tags["ltexp.config_hash"] for r in runs}) == 8  # every cell exactly once
     (parent,) = _runs(f"tags.`ltexp.grid` = '{grid}' and tags.`ltexp.role` = 'grid'")
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert {r.info.experiment_id for r in runs} == {parent.info.experiment_id}  # not in Default
+    assert parent.info.experiment_id == mlflow.get_experiment_by_name(grid).experiment_id
     per_worker = [int(out.split("(")[1].split(" run by")[0]) for out in outputs]
     assert sum(per_worker) == 8 and min(per_worker) >= 1, outputs  # both did a share of the work
     trials = optuna.load_study(study_name=grid, storage=storage).get_trials()
@@ -177,6 +179,31 @@ def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp
     assert [t.user_attrs.get("ltexp.duplicate_of") for t in b.trials()][-1] is not None
     with pytest.raises(LtexpError, match="exists .* with other cells or settings"):
         tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 4]}, heartbeat_s=1)
+
+
+CLAIM_ALL = """
+import sys
+from ltexp import tune
+queue, _ = tune.open_cell_queue(sys.argv[1], "race", 60, {"n": 60}, heartbeat_s=60)
+got = []
+while (claim := queue.claim()) is not None:
+    got.append(claim.cell)
+    queue.finish(claim, 0.0, {})
+print(",".join(map(str, got)))
+"""
+
+
+def test_two_processes_claiming_from_one_sqlite_queue_never_share_a_cell(tmp_path):
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    workers = [subprocess.Popen([sys.executable, "-c", CLAIM_ALL, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    claimed = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        claimed.append([int(c) for c in out.strip().split(",") if c])
+    assert sorted(claimed[0] + claimed[1]) == list(range(60)), claimed  # each cell exactly once
+    assert min(len(c) for c in claimed) > 0
 
 
 def test_paper_preset_sets_the_papers_protocol_and_explicit_settings_win():
