@@ -150,6 +150,11 @@ def load_paper(path: Path = PAPER_RESULTS) -> pd.DataFrame:
     return frame
 
 
+def _has_paper(paper: pd.DataFrame, dataset, imb_type, imb_factor) -> bool:
+    return bool(((paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
+                 & np.isclose(paper["imb_factor"], imb_factor)).any())
+
+
 def _paper_value(paper: pd.DataFrame, dataset, imb_type, imb_factor, method, metric) -> str:
     hit = paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type) &
                 np.isclose(paper["imb_factor"], imb_factor) & (paper["method"] == method) & (paper["metric"] == metric)]
@@ -191,7 +196,7 @@ def table2(summary: pd.DataFrame, paper: pd.DataFrame) -> dict[str, pd.DataFrame
             for key, title in MAIN:
                 record[title] = fmt(row[f"{key}_mean"], row[f"{key}_std"])
             show = _shows_paper(part, row["method"], row["evaluation"])
-            for key, title in MAIN:
+            for key, title in MAIN if _has_paper(paper, dataset, imb_type, imb_factor) else ():
                 record[f"paper {title} (published)"] = (
                     _paper_value(paper, dataset, imb_type, imb_factor, row["method"], key) if show else "–")
             rows.append(record)
@@ -208,9 +213,8 @@ def eight_datasets(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
                                                             summary["imb_factor"], summary["preset"])])
     settings = list(dict.fromkeys(summary.sort_values(["dataset", "imb_type", "imb_factor", "preset"])["setting"]))
     first = {s: summary[summary["setting"] == s].iloc[0] for s in settings}
-    with_paper = [s for s in settings if not paper[(paper["dataset"] == first[s]["dataset"]) &
-                                                   (paper["imb_type"] == first[s]["imb_type"]) &
-                                                   np.isclose(paper["imb_factor"], first[s]["imb_factor"])].empty]
+    with_paper = [s for s in settings if _has_paper(paper, first[s]["dataset"], first[s]["imb_type"],
+                                                    first[s]["imb_factor"])]
     rows = []
     for (method, variant, evaluation), part in summary.groupby(["method", "variant", "evaluation"], sort=True):
         label = method_label({"method": method, "variant": variant, "evaluation": evaluation},
@@ -277,7 +281,7 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
 
     def save(fig, name: str, title: str) -> None:
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # keeps a legend placed outside the axes
         plots.close(fig)
         figures.append((title, path))
 
@@ -296,7 +300,11 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for (method, variant), g in part.groupby(["method", "variant"], sort=True):
                 mean = g.groupby("label").agg(train=("train", "first"), acc=("test_acc", "mean")).sort_values("train")
-                ax.plot(mean["train"], mean["acc"], marker="o", ms=4, lw=1.2, label=_series_label(method, variant))
+                # A dot per class; the line joins the mean over classes of equal count (step profiles).
+                dots = ax.plot(mean["train"], mean["acc"], marker="o", ms=4, ls="none", alpha=0.7,
+                               label=_series_label(method, variant))
+                by_count = mean.groupby("train")["acc"].mean()
+                ax.plot(by_count.index, by_count.to_numpy(), lw=1.2, color=dots[0].get_color())
             ax.set_xscale("log")
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("training images of the class (log scale)")
@@ -331,7 +339,7 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
             save(fig, f"shots_{slug}", f"Many / medium / few-shot accuracy — {label}")
 
     if "test_head_acc" in runs and runs["test_head_acc"].notna().any():
-        fig, ax = plt.subplots(figsize=(7, 5.5))
+        fig, ax = plt.subplots(figsize=(6.5, 6))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         markers = "osD^vP*X<>"
         setting_keys = list(dict.fromkeys(zip(runs["dataset"], runs["imb_type"], runs["imb_factor"])))
@@ -354,8 +362,7 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
         ax.set_xlabel("head-class test accuracy")
         ax.set_ylabel("tail-class test accuracy")
         ax.set_title("Head vs tail accuracy, every run (hollow: oracle routing)")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # no tight_layout: it would shrink the axes
         save(fig, "head_vs_tail", "Head vs tail accuracy of every run")
     return figures
 

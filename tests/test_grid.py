@@ -193,8 +193,9 @@ print(",".join(map(str, got)))
 """
 
 
-def test_two_processes_claiming_from_one_sqlite_queue_never_share_a_cell(tmp_path):
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_processes_claiming_from_one_queue_never_share_a_cell(tmp_path, kind):
+    url = f"sqlite:///{tmp_path / 'race.db'}" if kind == "sqlite" else str(tmp_path / "race.log")
     workers = [subprocess.Popen([sys.executable, "-c", CLAIM_ALL, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for _ in range(2)]
     claimed = []

@@ -83,6 +83,8 @@ def test_tables_match_hand_computed_mean_and_std(hand_runs, tmp_path):
     # the paper's (oracle) split figure sits on the oracle row only; baseline's on its rows
     assert (oracle["paper Accuracy (published)"], honest["paper Accuracy (published)"]) == ("12.34", "–")
     assert rows.loc["baseline [epochs=200]", "paper Tail (published)"] == "5.67"
+    (t2_c100,) = [frame for title, frame in report.tables.items() if "cifar100" in title]
+    assert not [c for c in t2_c100.columns if "paper" in c]  # the paper's file has nothing for it
 
     wide = report.tables["Eight-data-set table (Total / Head / Tail per method, a column per data set)"]
     cell = wide[(wide["Method"] == "baseline [epochs=200]") & (wide[""] == "Total")]["cifar10 exp 0.01"].item()
