@@ -133,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_section(data, "data")
     data.add_argument("--json", action="store_true", help="print JSON instead of a table")
     data.add_argument("--output-dir", default=".", help="where class_counts.png is saved (default: .)")
+
+    grid = commands.add_parser("grid", help="the study matrix (data sets x imbalance x methods x seeds), one tracked "
+                                            "run per cell; resumable; many workers share it through --storage")
+    from ltexp.grid import MATRIX_FIELDS, GridConfig
+
+    for f in fields(GridConfig):
+        kind = "int" if f.type in ("int", int) else "str"
+        grid.add_argument("--" + f.name.replace("_", "-"), dest="grid_" + f.name, default=f.default,
+                          type=_typed(kind, f.name, False), metavar=kind.upper(),
+                          help=f"{f.metadata['help']} (default: {f.default})")
+    for section in TRAIN_SECTIONS:  # every train setting, fixed for all cells; unset ones stay unset
+        _add_section(grid, section, {f.name for f in fields(SECTIONS[section])} - MATRIX_FIELDS)
+    for action in grid._actions:
+        if "." in action.dest:
+            action.default = argparse.SUPPRESS  # so a preset fills what the user did not set
+    grid.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    grid.add_argument("--no-progress", action="store_true", help="no progress bar or per-cell lines")
+
+    report = commands.add_parser("report", help="tables and plots from an experiment's runs (the paper's Table 2 "
+                                                "and eight-data-set table), also logged as a `report` run")
+    report.add_argument("--experiment", default="ltexp", help="MLflow experiment to read (default: ltexp)")
+    report.add_argument("--filter", default="", help="MLflow search filter on top, e.g. "
+                                                     "\"tags.ltexp.dataset = 'cifar10'\" (default: none)")
+    report.add_argument("--output-dir", default="report", help="where the files are written (default: report)")
+    report.add_argument("--no-run", action="store_true", help="write the files only, log no `report` run")
     return parser
 
 
@@ -265,6 +290,30 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from ltexp.grid import GridConfig, run_grid
+
+    grid_cfg = GridConfig(**{f.name: getattr(args, "grid_" + f.name) for f in fields(GridConfig)})
+    fixed = {name: values for name, values in _sections(args).items() if values and name in TRAIN_SECTIONS}
+    result = run_grid(grid_cfg, fixed, device=args.device, progress=not args.no_progress)
+    counts = result.counts
+    print(f"grid {result.grid_name}: {counts['done']}/{result.cells} cells done "
+          f"({len(result.ran)} run by this worker, {len(result.reused)} reused FINISHED runs) in {result.wall_s:.1f} s")
+    print(f"MLflow run {result.run_id} (role grid); tables and plots: `ltexp report --filter "
+          f"\"tags.ltexp.grid = '{result.grid_name}'\"`")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ltexp.report import build_report
+
+    result = build_report(args.experiment, args.filter, args.output_dir, log_run=not args.no_run)
+    print(result.terminal)
+    print(f"\nreport: {result.html} ({len(result.files)} files in {args.output_dir})"
+          + (f"; MLflow run {result.run_id} (role report)" if result.run_id else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
     from ltexp import lifecycle
@@ -273,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register,
-                "runs": cmd_runs}[args.command](args)
+                "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt as exc:

@@ -296,9 +296,12 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = setting(0, "training seed")
     device: str = setting(AUTO, "auto, cpu, cuda or mps", choices=DEVICES)
+    preset: str = setting("ltexp", "the protocol unset and auto fields come from: ltexp (the data set's defaults, "
+                                   "holdout validation) or paper (the paper's Table 1; see RUN_PRESETS)")
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        _choice("preset", self.preset, tuple(RUN_PRESETS))
 
 
 SEARCHABLE = ("lr", "weight_decay", "expert_mode", "other_size", "lws", "num_groups")
@@ -370,13 +373,45 @@ CIFAR_VAL_PER_CLASS = {"cifar10": 100, "cifar100": 20}
 DRW_START = 0.8
 
 
-def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: str = "auto") -> RunConfig:
+# Whole protocols (`--preset`): field values applied by `resolve_config` to every field that is
+# unset or "auto", before the data-set defaults above. "ltexp": those defaults and a balanced
+# holdout validation set. "paper": the paper's protocol (its Table 1) on any data set: ResNet-18,
+# SGD momentum 0.9, lr 0.1, weight decay 2e-4, batch 128, StepLR 150 / 0.1 (so no decay within
+# its 100 epochs), LWS trained jointly, validation carved 9:1 from the test set; split clips
+# gradients at norm 5. `by_method` holds the values that apply to one method only.
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    "ltexp": {},
+    "paper": {"model": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+              "weight_decay": 2e-4, "lr_step": 150, "lr_gamma": 0.1, "lws_mode": "joint", "val_source": "paper",
+              "by_method": {"split": {"clip_norm": 5.0}}},
+}
+
+
+def apply_preset(sections: dict[str, dict[str, Any]], preset: str) -> dict[str, dict[str, Any]]:
+    """A copy of `sections` with `RUN_PRESETS[preset]` filled into the fields left unset or "auto"."""
+    _choice("preset", preset, tuple(RUN_PRESETS))
+    values = dict(RUN_PRESETS[preset])
+    method = sections.get("method", {}).get("method", MethodConfig.method)
+    values.update(values.pop("by_method", {}).get(method, {}))
+    classes = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
+               "loss": LossConfig, "split": SplitConfig, "tracking": TrackingConfig}
+    out = {name: dict(section) for name, section in sections.items()}
+    for key, value in values.items():
+        section = next(name for name, cls in classes.items() if key in {f.name for f in fields(cls)})
+        if out.setdefault(section, {}).get(key, AUTO) == AUTO:
+            out[section][key] = value
+    return out
+
+
+def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: str = "auto",
+                   preset: str = "ltexp") -> RunConfig:
     """Build a validated `RunConfig` from per-section values, filling "auto" from `PRESETS`.
 
     `sections` maps section name (data, model, optim, method, loss, split, tracking) to field
     values as the CLI parsed them; a value of "auto" (or a missing key) means "the data set's
-    (or method's) default".
+    (or method's) default", or the `preset` protocol's value (`RUN_PRESETS`) where it has one.
     """
+    sections, protocol = apply_preset(sections, preset), preset  # `preset` is reused below for PRESETS
     data_values = {k: v for k, v in sections.get("data", {}).items() if v != AUTO}
     data = DataConfig(**data_values)
     preset = PRESETS[data.family]
@@ -418,6 +453,7 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
         tracking=fill(TrackingConfig, sections.get("tracking", {}), {}),
         seed=int(seed),
         device=device,
+        preset=protocol,
     )
 
 

@@ -600,3 +600,83 @@ def link_resumed(old_run_id: str, new_run_id: str) -> None:
         client.set_tag(old_run_id, ERROR_TAG, f"interrupted; training continued by run {new_run_id}")
         client.set_terminated(old_run_id, "KILLED")
     client.set_tag(new_run_id, RESUMED_FROM_TAG, old_run_id)
+
+
+# --- Reading runs back and the grid / report runs (`ltexp grid`, `ltexp report`) ---------------
+
+def search_runs(experiment_names: list[str] | None = None, filter_string: str = "",
+                experiment_ids: list[str] | None = None, max_results: int = 100_000):
+    """`mlflow.search_runs` as a pandas DataFrame (columns `metrics.*`, `params.*`, `tags.*`,
+    `run_id`, `status`, ...); an experiment that does not exist gives an empty frame."""
+    import pandas as pd
+
+    if experiment_names is not None:
+        client = MlflowClient()
+        found = [client.get_experiment_by_name(name) for name in experiment_names]
+        ids = [e.experiment_id for e in found if e is not None]
+        experiment_ids = (experiment_ids or []) + ids
+        if not experiment_ids:
+            return pd.DataFrame()
+    try:
+        return mlflow.search_runs(experiment_ids=experiment_ids, filter_string=filter_string,
+                                  max_results=max_results, output_format="pandas")
+    except mlflow.exceptions.MlflowException as exc:
+        raise ltexp.LtexpError(f"--filter {filter_string!r}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def find_finished_run(experiment_id: str, tag: str, value: str) -> str | None:
+    """The id of a FINISHED run of the experiment whose tag `tag` equals `value` (None if none)."""
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
+                              filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
+def mark_killed(run_id: str, reason: str) -> bool:
+    """End a run left RUNNING by a worker that died: KILLED, with the reason as `ltexp.error`."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except mlflow.exceptions.MlflowException:
+        return False
+    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_terminated(run_id, "KILLED")
+    return True
+
+
+def download_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:
+    """Download one artifact file of a run into `dst`; None when the run has no such file."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
+def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under `local_dir` as artifacts of the active run."""
+    mlflow.log_artifacts(str(local_dir), artifact_path)
+
+
+@contextmanager
+def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, str],
+                   resume_run_id: str | None = None) -> Iterator[Run]:
+    """A run that is no experiment (role `grid` or `report`): the `mlflow run` one when there is
+    one, else `resume_run_id` when that run still exists (a grid's later session or another
+    worker), else a new run in `experiment`. FAILED with the reason if the block raises."""
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None  # nested runs below must be new runs
+    if run_id is None and resume_run_id:
+        try:
+            resumed = MlflowClient().get_run(resume_run_id)
+            run_id = resume_run_id
+            # Nested runs go to the *active* experiment, not their parent's: make it the parent's.
+            mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # the grid outlived its tracking store: start a new parent run
+    if run_id is None:
+        mlflow.set_experiment(experiment)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    with _guarded(active) as run:
+        commit = git_commit()
+        mlflow.set_tags({"ltexp.role": role, "ltexp.version": ltexp.__version__, **tags,
+                         **({"ltexp.git_commit": commit} if commit else {})})
+        yield run

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import socket
+import subprocess
+import tempfile
+from glob import glob
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +98,52 @@ def subprocess_env(mlflow_store):
     return env
 
 
+# A throw-away PostgreSQL cluster on a loopback port (tests/test_postgres.py, tests/test_grid.py).
+def _pg_bin() -> Path | None:
+    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if os.environ.get("LTEXP_TEST_POSTGRES_URL"):
+        yield os.environ["LTEXP_TEST_POSTGRES_URL"]
+        return
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql; .ci/run does)")
+    data = Path(tempfile.mkdtemp(prefix="ltexp-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: use the packages' postgres user
+        shutil.chown(data, "postgres")
+        data.chmod(0o700)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
+                    "-o", f"-p {port} -h 127.0.0.1 -k {data}", "start"], check=True, capture_output=True)
+    try:
+        for db in ("mlflow", "optuna"):
+            subprocess.run([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
+                           check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 # Fixtures that start real processes, stores or servers: a test that uses one is end to end.
-E2E_FIXTURES = {"subprocess_env", "mlflow_store", "stack", "env"}
+E2E_FIXTURES = {"subprocess_env", "mlflow_store", "stack", "env", "postgres_url"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -61,6 +61,7 @@ CASES = {
     "fusion": ({"method": "split"}, "concat"),
     "lws": ({"method": "split"}, False),
     "seed": ({}, 1),
+    "preset": ({}, "paper"),
 }
 
 
@@ -92,13 +93,13 @@ def _config(settings: dict, data_dirs: Path) -> RunConfig:
                 sections["data"]["val_per_class"] = 5
         if name == "data_dir":
             value = str(data_dirs / value)
-        if name == "seed":
+        if name in ("seed", "preset"):
             continue
         section = next(sec for sec, cls in (("data", "DataConfig"), ("model", "ModelConfig"), ("optim", "OptimConfig"),
                                             ("method", "MethodConfig"), ("loss", "LossConfig"), ("split", "SplitConfig"))
                        if name in __import__("ltexp.config", fromlist=[cls]).__dict__[cls].__dataclass_fields__)
         sections.setdefault(section, {})[name] = value
-    return resolve_config(sections, seed=settings.get("seed", 0), device="cpu")
+    return resolve_config(sections, seed=settings.get("seed", 0), device="cpu", preset=settings.get("preset", "ltexp"))
 
 
 def fingerprint(cfg: RunConfig) -> str:

@@ -1,16 +1,12 @@
 """A shared PostgreSQL for the MLflow tracking store and the Optuna study, with two workers at once.
 
-The fixture starts a throw-away PostgreSQL cluster on a loopback port (initdb + pg_ctl from the
-Debian packages `.ci/run` installs), or uses LTEXP_TEST_POSTGRES_URL when it is set.
+The `postgres_url` fixture (conftest.py) starts a throw-away PostgreSQL cluster on a loopback port
+(initdb + pg_ctl from the Debian packages `.ci/run` installs), or uses LTEXP_TEST_POSTGRES_URL.
 """
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from glob import glob
 from pathlib import Path
 
 import mlflow
@@ -18,49 +14,6 @@ import optuna
 import pytest
 
 pytestmark = pytest.mark.e2e
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    if os.environ.get("LTEXP_TEST_POSTGRES_URL"):
-        yield os.environ["LTEXP_TEST_POSTGRES_URL"]
-        return
-    pg_bin = _pg_bin()
-    if pg_bin is None:
-        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql; .ci/run does)")
-    data = Path(tempfile.mkdtemp(prefix="ltexp-pg-"))
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: use the packages' postgres user
-        shutil.chown(data, "postgres")
-        data.chmod(0o700)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
-                    "-o", f"-p {port} -h 127.0.0.1 -k {data}", "start"], check=True, capture_output=True)
-    try:
-        for db in ("mlflow", "optuna"):
-            subprocess.run([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
-                           check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def test_two_workers_share_one_study_and_one_tracking_store(postgres_url, tmp_path):
