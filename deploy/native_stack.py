@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -61,6 +62,17 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask Linux to SIGTERM it when its parent dies, so a test
+    run that is killed (a timeout, SIGKILL) leaves no server behind. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -126,6 +138,11 @@ def postgres(root: Path, user: str, password: str) -> Iterator[str]:
     pwfile.unlink()
     _run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "postgres.log"),
           "-o", f"-p {port} -h 127.0.0.1 -k {root}", "start"])
+    # pg_ctl detaches the server from us: a watchdog that dies with this process stops it then.
+    stop = " ".join(shlex.quote(a) for a in [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"])
+    watchdog = subprocess.Popen(["sh", "-c", f"trap '{stop} >/dev/null 2>&1; exit 0' TERM; while :; do sleep 1; done"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent)
     try:
         _run([str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres",
               "-v", "ON_ERROR_STOP=1", "-q", "-f", str(HERE / "init-databases.sql")],
@@ -134,6 +151,8 @@ def postgres(root: Path, user: str, password: str) -> Iterator[str]:
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                        capture_output=True)
+        watchdog.kill()
+        watchdog.wait()
 
 
 @contextmanager
@@ -161,7 +180,8 @@ def seaweedfs(root: Path, access_key: str, secret_key: str, bucket: str = BUCKET
     # without, its S3 API would accept anonymous requests.
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)
     endpoint = f"http://127.0.0.1:{sp}"
     try:
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
@@ -219,7 +239,8 @@ def mlflow_server(stack: Stack, port: int, workers: int = 2, python: str = sys.e
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(HERE / "start-mlflow.sh"), "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", str(workers), "--allowed-hosts", "127.0.0.1:*,localhost:*"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)
     try:
         import urllib.request
 

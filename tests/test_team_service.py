@@ -260,7 +260,7 @@ def tuned(stack, users, trained, compose, tmp_path_factory):
     for i in range(2):
         cwd = tmp_path_factory.mktemp(f"worker{i}")
         procs.append(subprocess.Popen(argv, cwd=cwd, env={**base_env, **env}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stderr=subprocess.PIPE, text=True, preexec_fn=native_stack.die_with_parent))
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)
@@ -313,7 +313,8 @@ def test_optuna_dashboard_shows_the_shared_study(stack, tuned, tmp_path):
     # The compose service's command: the storage URL from the environment, loopback only here.
     proc = subprocess.Popen(["sh", "-c", f'exec "{dashboard}" "$OPTUNA_STORAGE" --host 127.0.0.1 --port {port}'],
                             env=dict(os.environ, OPTUNA_STORAGE=tuned["storage"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=native_stack.die_with_parent)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -492,7 +493,8 @@ def test_compose_serve_command_serves_the_champion_with_the_workers_login(stack,
     assert "-h 0.0.0.0 -p 5001" in argv[-1]
     argv[-1] = argv[-1].replace("-h 0.0.0.0 -p 5001", f"-h 127.0.0.1 -p {port}")
     proc = subprocess.Popen(argv, cwd=tmp_path, env={**_client_env(stack, ("", ""), tmp_path), **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=native_stack.die_with_parent)
     try:
         deadline = time.monotonic() + 240
         while True:
