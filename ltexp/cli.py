@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
             _add_section(sub, section)
         sub.add_argument("--seed", type=_typed("int", "seed", False), default=0, help="training seed (default: 0)")
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+        sub.add_argument("--threads", type=_typed("int", "threads", False), default=None,
+                         help="torch CPU threads (default: LTEXP_THREADS, else OMP_NUM_THREADS, else the CPUs "
+                              "this process may use); give each of several workers on one machine its share")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     register = commands.add_parser("register", help="register a run's model as a new version, with an alias")
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
     args = build_parser().parse_args(argv)
     try:
+        from ltexp.threads import configure_threads
+
+        configure_threads(getattr(args, "threads", None))
         return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
