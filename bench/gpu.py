@@ -184,12 +184,13 @@ def bench_throughput(ctx, result: dict) -> None:
                 ("resnet32", ctx.batches[0], "bf16_cl_cudagraphs"), ("resnet18", ctx.batches[1], "bf16_cl_cudagraphs"),
                 ("resnet32", ctx.batches[1], "bf16_cl_compile"), ("resnet32", ctx.batches[1], "bf16_cl_cudagraphs")]
     configs += [c for c in compiled if c[2] in ctx.modes]
-    compile_cost = 0.0
+    # Seconds the next compiled config is expected to take: the last one's warm-up, or a guess.
+    compile_cost = 60.0
     for arch, batch, mode in configs:
         name = f"{arch} batch {batch} {mode}"
         if mode in COMPILE_MODES:
             left = ctx.budget_s - (time.perf_counter() - ctx.started) - ctx.reserve_s
-            if compile_cost and compile_cost > left:
+            if compile_cost > left:
                 result["skipped"].append(f"{name}: would overrun --budget-s (last compile took {compile_cost:.0f} s)")
                 continue
             torch._dynamo.reset()  # each config compiles its own graphs, no cache-size fallbacks
@@ -210,6 +211,7 @@ def bench_throughput(ctx, result: dict) -> None:
             row["cudagraph_skips"] = cudagraph_skips()
         row.update({"arch": arch, "batch": batch, "mode": mode, "peak_memory_bytes": peak(ctx.device)})
         rows.append(row)
+        ctx.save(result)
         ctx.log(f"{name:38s} {row['images_per_s']:>10,.0f} img/s  {row['ms_per_step']:7.2f} ms/step  "
                 f"warm-up {row['warmup_s']:.1f} s")
         del model, step
@@ -467,6 +469,13 @@ def main(argv=None) -> dict:
         log=lambda text: print(f"[{time.perf_counter() - started:6.1f} s] {text}", flush=True),
     )
     result: dict = {"quick": quick, **environment(device), "throughput": [], "skipped": []}
+
+    def save(partial: dict) -> None:
+        """Write what is measured so far: a run stopped from outside still leaves its numbers."""
+        if args.out:
+            Path(args.out).write_text(json.dumps({**partial, "partial": True}, indent=2, default=float) + "\n")
+
+    ctx.save = save
     if not on_gpu:
         result["skipped"].append("bf16 / channels_last / compile / CUDA graphs / concurrent experts: CUDA only")
     with tempfile.TemporaryDirectory() as tmp:
@@ -475,10 +484,13 @@ def main(argv=None) -> dict:
         # The epoch, evaluation, DataLoader and expert sections first: they are cheap and always
         # wanted; the compiled throughput configs then get whatever budget is left.
         prep, cfg = bench_epochs(ctx, result, data_dir)
+        save(result)
         bench_eval(ctx, result, prep)
         bench_experts(ctx, result, prep, cfg)
+        save(result)
         del prep
     bench_dataloader(ctx, result)
+    save(result)
     bench_throughput(ctx, result)
     reset_peak(device)
     result["peak_memory_bytes"] = RUN_PEAK[0]
