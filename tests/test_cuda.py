@@ -18,7 +18,7 @@ from ltexp.config import MethodConfig, OptimConfig, resolve_config
 from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages, build_augment
 from ltexp.data.sources import load_digits_source
-from ltexp.engine import fit, predict_logits
+from ltexp.engine import fit
 from ltexp.methods import build_method
 from ltexp.models import build_model, channel_stats
 

@@ -12,7 +12,8 @@ from ltexp import stores
 def _modes(path):
     engine = sqlalchemy.create_engine(f"sqlite:///{path}")
     with engine.connect() as conn:
-        modes = (conn.exec_driver_sql("PRAGMA journal_mode").scalar(), conn.exec_driver_sql("PRAGMA synchronous").scalar())
+        modes = (conn.exec_driver_sql("PRAGMA journal_mode").scalar(),
+                 conn.exec_driver_sql("PRAGMA synchronous").scalar())
     engine.dispose()
     return modes
 

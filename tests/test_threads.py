@@ -63,7 +63,8 @@ def test_pinned_process_uses_its_cpus_only():
     """A worker pinned to one CPU (as `taskset -c 0` does) gets one thread, on any machine size."""
     cpu = min(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k not in ("LTEXP_THREADS", "OMP_NUM_THREADS")}
-    code = "from ltexp.threads import configure_threads; import torch; configure_threads(); print(torch.get_num_threads())"
+    code = ("from ltexp.threads import configure_threads; import torch; configure_threads(); "
+            "print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert out.stdout.strip() == "1"
