@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (train, tune):
         sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
                          help="start afresh, ignoring any checkpoint (same as --resume false)")
+        sub.add_argument("--threads", type=_typed("int", "threads", False), default=None,
+                         help="torch CPU threads (default: LTEXP_THREADS, else OMP_NUM_THREADS, else the CPUs "
+                              "this process may use); give each of several workers on one machine its share")
 
     runs = commands.add_parser("runs", help="housekeeping of MLflow runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     lifecycle.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
     args = build_parser().parse_args(argv)
     try:
+        from ltexp.threads import configure_threads
+
+        configure_threads(getattr(args, "threads", None))
         return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register,
                 "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report}[args.command](args)
     except LtexpError as exc:

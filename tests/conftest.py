@@ -20,8 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 # its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache.
 os.environ["LTEXP_UNVERIFIED_CIFAR"] = "1"
 if "LTEXP_CACHE" not in os.environ:
-    import tempfile
-
     os.environ["LTEXP_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
 
 

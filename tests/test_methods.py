@@ -1,13 +1,10 @@
 """Methods: one name per setting, each choice list validated against its implementing module,
 and the settings each method logs."""
 
-import dataclasses
-
 import pytest
 
 from ltexp import LtexpError
-from ltexp.config import (FUSIONS, MODELS, DataConfig, LossConfig, MethodConfig, ModelConfig, RunConfig, SplitConfig,
-                          resolve_config, setting_fields, used_settings)
+from ltexp.config import FUSIONS, MODELS, RunConfig, resolve_config, setting_fields, used_settings
 from ltexp.data import sampling
 from ltexp.data.device import AUGMENTS, build_augment
 from ltexp.data.longtail import IMB_TYPES, long_tail_counts

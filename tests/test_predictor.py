@@ -97,3 +97,24 @@ def test_pyfunc_log_load_predict_equals_in_process(mlflow_store, tmp_path):
     assert [c.name for c in signature.outputs.inputs] == ["label", "class_name", "score"]
     assert signature.params.params[0].name == "probabilities"
     assert loaded.metadata.saved_input_example_info is not None
+
+
+def test_weights_written_on_a_gpu_load_on_cpu(tmp_path, monkeypatch):
+    """A predictor trained on CUDA (channels_last weights, storages tagged with a CUDA device)
+    loads and predicts the same on a machine without CUDA: `FusedPredictor.load` maps to CPU."""
+    predictor = _predictor("softmax")
+    for expert in predictor.experts:
+        expert.to(memory_format=torch.channels_last)  # what ltexp.engine does to a model on CUDA
+    before = predictor.predict(IMAGES, probabilities=True)
+    # Simulate the file a CUDA process writes: every storage's location tag says "cuda:0".
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    predictor.save(tmp_path)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # the simulation is real: a plain load needs CUDA
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "experts.pt", weights_only=True)
+    loaded = FusedPredictor.load(tmp_path)
+    assert loaded.device.type == "cpu"
+    after = loaded.predict(IMAGES, probabilities=True)
+    pd.testing.assert_frame_equal(before.drop(columns="probabilities"), after.drop(columns="probabilities"))
+    assert np.allclose(np.stack(before["probabilities"]), np.stack(after["probabilities"]), atol=1e-6)

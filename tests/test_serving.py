@@ -16,7 +16,6 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

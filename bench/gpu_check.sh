@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU checks, in ONE command (about 8 minutes on one H100):
+#
+#   1. tests:  pytest -m cuda tests/test_cuda.py (bf16 training, channels_last + compile, a GPU-trained
+#              pyfunc predicting the same on CPU)
+#   2. mlflow: `mlflow run . -e split --env-manager local -P dataset=cifar100 -P epochs=2` on a generated
+#              CIFAR-100 archive, the run checked (FINISHED, trained on cuda, test metrics logged)
+#   3. bench:  python bench/gpu.py --out $OUT/gpu.json with the time that is left
+#
+#   bash bench/gpu_check.sh              # all three
+#   bash bench/gpu_check.sh bench        # only some parts (tests, mlflow, bench), e.g. to rerun one
+#
+# The GPU image has PyTorch but not MLflow/Optuna: their wheels travel in .whl/ (made here by
+# bench/fetch_gpu_wheels.sh) and are installed into /tmp/site. Results go to $OUT (the device
+# tool's output folder; ./gpu-check-out elsewhere): summary.txt, pytest.log, mlflow_run.log,
+# mlflow_run.json, bench.log, gpu.json, env.txt. Exit status 0 only if every part passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+STARTED=$SECONDS
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"   # whole script; the benchmark gets what the other parts leave
+OUT="${OUT:-$REPO/gpu-check-out}"
+WORK="${GPU_CHECK_WORK:-/tmp/ltexp-gpu-check}"
+PARTS="${*:-tests mlflow bench}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 GIT_PYTHON_REFRESH=quiet MPLBACKEND=Agg
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+note() { echo "[gpu_check $((SECONDS - STARTED)) s] $*" | tee -a "$SUMMARY"; }
+
+# --- environment: carried wheels, `python` for MLproject commands, the repository on the path ----
+if ! python3 -c "import mlflow, optuna" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    note "FAIL: mlflow/optuna missing and no .whl/ (run bench/fetch_gpu_wheels.sh, carry .whl)"; exit 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { note "FAIL: wheel install"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PATH="/tmp/site/bin:$PATH"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if ! command -v python >/dev/null; then  # MLproject commands call `python`
+  mkdir -p "$WORK/bin" && ln -sf "$(command -v python3)" "$WORK/bin/python" && export PATH="$WORK/bin:$PATH"
+fi
+{
+  nvidia-smi 2>&1 | head -20
+  python3 -c "import sys, torch, mlflow, optuna; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
+} >"$OUT/env.txt" 2>&1
+note "environment: $(tail -1 "$OUT/env.txt")"
+FAILED=0
+
+# --- 1. CUDA tests ---------------------------------------------------------------------------------
+if [[ " $PARTS " == *" tests "* ]]; then
+  t0=$SECONDS
+  timeout 210 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py >"$OUT/pytest.log" 2>&1
+  rc=$?
+  tail -5 "$OUT/pytest.log"
+  if [ $rc = 0 ] && ! grep -q "skipped" <(tail -3 "$OUT/pytest.log"); then
+    note "tests: PASS ($((SECONDS - t0)) s): $(tail -1 "$OUT/pytest.log")"
+  else
+    note "tests: FAIL rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/pytest.log")"; FAILED=1
+  fi
+fi
+
+# --- 2. mlflow run -e split on a generated CIFAR-100 archive ----------------------------------------
+if [[ " $PARTS " == *" mlflow "* ]]; then
+  t0=$SECONDS
+  rm -rf "$WORK/mlflow" && mkdir -p "$WORK/mlflow"
+  python3 -c "
+import sys; from pathlib import Path; sys.path.insert(0, 'tests')
+from conftest import write_cifar_archive
+write_cifar_archive(Path('$WORK/mlflow/data'), 'cifar100', ${GPU_CHECK_PER_CLASS:-500}, 100)  # CIFAR-100: 500 / 100 per class
+" >"$OUT/mlflow_run.log" 2>&1
+  export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow/mlflow.db"
+  # GPU_CHECK_MLFLOW_ARGS: extra flags, e.g. "-P model=smallcnn -P device=cpu" to rehearse on a CPU.
+  timeout "${GPU_CHECK_MLFLOW_TIMEOUT:-200}" python3 -m mlflow run . -e split --env-manager local -P dataset=cifar100 -P epochs=2 \
+    -P data_dir="$WORK/mlflow/data" -P download=false ${GPU_CHECK_MLFLOW_ARGS:-} >>"$OUT/mlflow_run.log" 2>&1
+  rc=$?
+  python3 - "$OUT/mlflow_run.json" >>"$OUT/mlflow_run.log" 2>&1 <<'PY'
+import json, os, sys
+import mlflow
+runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                          filter_string="tags.`ltexp.role` = 'experiment'")
+run = runs[0]
+keys = ("test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc", "test_routing_acc", "train_time_s",
+        "test_time_s", "train_images_per_s")
+out = {"status": run.info.status, "device": run.data.tags.get("ltexp.device"), "fusion": run.data.tags.get("ltexp.fusion"),
+       "error": run.data.tags.get("ltexp.error"), "epochs": run.data.params.get("epochs"),
+       "dataset": run.data.params.get("dataset"), **{k: run.data.metrics.get(k) for k in keys}}
+json.dump(out, open(sys.argv[1], "w"), indent=2)
+print("RESULT", json.dumps(out))
+want = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+ok = out["status"] == "FINISHED" and out["device"] == want and out["test_acc"] is not None
+sys.exit(0 if ok else 1)
+PY
+  rc2=$?
+  grep "RESULT" "$OUT/mlflow_run.log" | tail -1
+  if [ $rc = 0 ] && [ $rc2 = 0 ]; then
+    note "mlflow: PASS ($((SECONDS - t0)) s): $(grep RESULT "$OUT/mlflow_run.log" | tail -1 | cut -c8-400)"
+  else
+    note "mlflow: FAIL rc=$rc/$rc2 ($((SECONDS - t0)) s): $(tail -3 "$OUT/mlflow_run.log" | tr '\n' ' ' | cut -c1-400)"
+    FAILED=1
+  fi
+  unset MLFLOW_TRACKING_URI
+fi
+
+# --- 3. the benchmark, with what is left of the budget ----------------------------------------------
+if [[ " $PARTS " == *" bench "* ]]; then
+  t0=$SECONDS
+  left=$((BUDGET_S - (SECONDS - STARTED)))
+  [ $left -lt 150 ] && left=150   # below this even the uncompiled sections do not fit
+  timeout $((left + 90)) python3 bench/gpu.py --budget-s "$left" --out "$OUT/gpu.json" >"$OUT/bench.log" 2>&1
+  rc=$?
+  grep "^\[" "$OUT/bench.log" | tail -40
+  if [ $rc = 0 ]; then
+    note "bench: PASS ($((SECONDS - t0)) s, budget $left s): $(python3 -c "
+import json; r = json.load(open('$OUT/gpu.json')); print(json.dumps(r['targets']))")"
+  else
+    note "bench: FAIL rc=$rc ($((SECONDS - t0)) s): $(tail -3 "$OUT/bench.log" | tr '\n' ' ' | cut -c1-400)"; FAILED=1
+  fi
+fi
+
+note "done in $((SECONDS - STARTED)) s; $([ $FAILED = 0 ] && echo 'all parts passed' || echo 'SOME PARTS FAILED')"
+exit $FAILED

@@ -1,0 +1,57 @@
+"""bench/gpu.py --quick: the GPU benchmark's smoke run on CPU, so the script a GPU session runs works."""
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _numbers(value, path=""):
+    """Every number in a JSON tree, with its path."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+
+
+def test_quick_run_writes_complete_json(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["device"].startswith("cpu")
+    assert {"throughput", "epoch", "eval", "dataloader", "experts", "peak_memory_bytes", "targets", "skipped",
+            "wall_s"} <= set(result)
+    # Throughput: both networks at both batch sizes; CPU runs fp32 only, the rest is listed as skipped.
+    assert {(r["arch"], r["batch"], r["mode"]) for r in result["throughput"]} == {
+        (arch, batch, "fp32") for arch in ("resnet18", "resnet32") for batch in (8, 16)}
+    assert any("CUDA only" in s for s in result["skipped"])
+    epoch = result["epoch"]
+    assert epoch["baseline"]["experts"] == 1
+    assert epoch["split_own"]["experts"] == 2 and epoch["split_other"]["experts"] == 2
+    # The "other" experts see extra images: more per epoch than the own-mode experts.
+    assert epoch["split_other"]["images_per_epoch"] > epoch["split_own"]["images_per_epoch"]
+    assert epoch["split_own_over_baseline_wall"] == epoch["split_own"]["wall_s"] / epoch["baseline"]["wall_s"]
+    assert result["eval"]["images"] == 100 and result["eval"]["finite"]
+    assert result["dataloader"]["ratio"] == (result["dataloader"]["ltexp_images_per_s"]
+                                             / result["dataloader"]["torchvision_images_per_s"])
+    assert set(result["experts"]) >= {"sequential_s", "sequential_images_per_s"}
+    assert "streams_s" not in result["experts"]  # CPU: sequential only
+    assert set(result["targets"]) == {"resnet18_bf16_batch512_images_per_s_min", "baseline_200_epochs_s_max",
+                                      "split_over_baseline_max", "eval_10k_s_max", "dataloader_ratio_min"}
+    assert all(t["met"] is None for t in result["targets"].values())  # GPU targets are not judged on CPU
+    numbers = dict(_numbers({k: v for k, v in result.items() if k not in ("targets", "peak_memory_bytes")}))
+    assert numbers and all(math.isfinite(v) for v in numbers.values()), numbers
+    timings = {p: v for p, v in numbers.items() if p.endswith(("_s", "images_per_s", "ms_per_step", "ratio"))
+               and "prepare_s" not in p and "other_stages_s" not in p}
+    assert timings and all(v > 0 for v in timings.values()), timings
+    assert result["peak_memory_bytes"] == 0  # no CUDA allocator on CPU

@@ -1,0 +1,58 @@
+"""Tuning bookkeeping (MLflow + Optuna work outside training) stays small, and is measured honestly."""
+
+import subprocess
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ltexp import tracking
+from ltexp.config import TuneConfig, resolve_config
+from ltexp.tune import run_study
+
+
+def test_overhead_per_trial_is_measured_and_small(mlflow_store, tmp_path):
+    cfg = resolve_config({"optim": {"epochs": 1}, "method": {"method": "split", "lws_epochs": 1}})
+    run_study(cfg, TuneConfig(n_trials=4, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="cost",
+                              pruner="none"))
+    (parent,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string="tags.`ltexp.role` = 'tune'")
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`ltexp.role` = 'trial'")
+    m = parent.data.metrics
+    # overhead_s_per_trial = (study wall - training/scoring time) / trials: Optuna's ask/tell and
+    # MLflow's run start/end count too, not only what happens inside the objective.
+    compute = sum(t.data.metrics["trial_time_s"] - t.data.metrics["overhead_s"] for t in trials)
+    assert m["overhead_s_per_trial"] == pytest.approx((m["study_wall_s"] - compute) / len(trials), abs=0.02)
+    assert 0 < m["overhead_s_per_trial"] < m["study_wall_s"] / len(trials)
+    # Generous bound for a shared CI machine (it was 2.2 s on a 2-core box before the fixes;
+    # bench holds the real target of 0.1 s).
+    assert m["overhead_s_per_trial"] < 0.5, m
+    for t in trials:  # the trial's params (logged asynchronously) and results (one batch) all arrived
+        assert {"split_at", "clip", "fusion", "trial_number"} <= set(t.data.params)
+        assert {"objective", "val_acc", "trial_time_s", "overhead_s"} <= set(t.data.metrics)
+        assert t.data.tags["ltexp.trial_state"] == "COMPLETE"
+
+
+def test_log_params_reads_the_run_once(mlflow_store, monkeypatch):
+    calls = []
+    real = MlflowClient.get_run
+    monkeypatch.setattr(MlflowClient, "get_run", lambda self, run_id: calls.append(run_id) or real(self, run_id))
+    with mlflow.start_run() as active:
+        run = tracking.Run(active)
+        run.log_params({"a": 1, "b": "x"})
+        run.log_params({"a": 1, "c": 0.5})          # same value again: nothing new to write
+        run.log_params({"a": 2})                    # a different value goes beside it, as a.resolved
+    assert len(calls) == 1
+    params = real(MlflowClient(), active.info.run_id).data.params
+    assert params == {"a": "1", "b": "x", "c": "0.5", "a.resolved": "2"}
+
+
+def test_git_commit_is_looked_up_once(monkeypatch):
+    tracking.git_commit.cache_clear()
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = tracking.git_commit()
+    assert tracking.git_commit() == first and len(calls) == 1
+    tracking.git_commit.cache_clear()
