@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for f in fields(GridConfig):
         kind = "int" if f.type in ("int", int) else "str"
-        grid.add_argument("--" + f.name.replace("_", "-"), dest="grid_" + f.name, default=f.default,
+        names = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # -P name=value
+        grid.add_argument(*names, dest="grid_" + f.name, default=f.default,
                           type=_typed(kind, f.name, False), metavar=kind.upper(),
                           help=f"{f.metadata['help']} (default: {f.default})")
     for section in TRAIN_SECTIONS:  # every train setting, fixed for all cells; unset ones stay unset
@@ -159,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default="ltexp", help="MLflow experiment to read (default: ltexp)")
     report.add_argument("--filter", default="", help="MLflow search filter on top, e.g. "
                                                      "\"tags.ltexp.dataset = 'cifar10'\" (default: none)")
-    report.add_argument("--output-dir", default="report", help="where the files are written (default: report)")
-    report.add_argument("--no-run", action="store_true", help="write the files only, log no `report` run")
+    report.add_argument("--output-dir", "--output_dir", default="report",
+                        help="where the files are written (default: report)")
+    report.add_argument("--no-run", "--no_run", action="store_true", help="write the files only, log no `report` run")
     return parser
 
 
