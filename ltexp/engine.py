@@ -241,7 +241,7 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
     model.eval()
     if checkpoint is not None and (resumed is None or resumed["stage_index"] < len(stages)):
         checkpoint.finish(model, generator, dict(
-            stage_index=len(stages), stage_epoch=0, global_epoch=global_epoch, images_seen=images_seen,
+            finished=True, stage_index=len(stages), stage_epoch=0, global_epoch=global_epoch, images_seen=images_seen,
             train_time=train_time, best_acc=best_acc, best_epoch=best_epoch, history=history,
             seen_per_class=seen_per_class, stage_best_acc=-1.0, stage_best_state=None))
     return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class)

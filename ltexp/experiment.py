@@ -184,8 +184,7 @@ def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str
     """
     def announce(state: dict) -> None:
         old_root, old_run = state.get("root_run_id", ""), state.get("run_id", "")
-        method = build_method(cfg)
-        done = state["stage_index"] >= len(method.stages(expert_info_for(cfg, spec), spec))
+        done = bool(state.get("finished"))  # training had ended; only the evaluation was lost
         detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
             (" (finished)" if done else "")
         tracking.link_resumed(old_run, run_id)
@@ -195,13 +194,6 @@ def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str
 
     return lifecycle.Checkpointer(expert_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
                                   cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)
-
-
-def expert_info_for(cfg: RunConfig, spec: ExpertSpec) -> ClassInfo:
-    """A stand-in `ClassInfo` with the expert's number of outputs, enough to count its stages
-    (the number of stages never depends on class counts)."""
-    names = tuple(str(c) for c in spec.classes) + (("other",) if spec.other else ())
-    return ClassInfo(names, np.ones(len(names), dtype=np.int64))
 
 
 @dataclass
