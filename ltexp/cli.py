@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                           type=_typed(kind, f.name, False), metavar=kind.upper(),
                           help=f"{f.metadata['help']} (default: {f.default})")
     for section in TRAIN_SECTIONS:  # every train setting, fixed for all cells; unset ones stay unset
-        _add_section(grid, section, {f.name for f in fields(SECTIONS[section])} - MATRIX_FIELDS)
+        _add_section(grid, section, MATRIX_FIELDS)
     for action in grid._actions:
         if "." in action.dest:
             action.default = argparse.SUPPRESS  # so a preset fills what the user did not set
