@@ -214,6 +214,10 @@ def test_checkpoint_every_parses_epochs_and_time():
         lifecycle.Every.parse("often")
     cadence = lifecycle.Cadence(lifecycle.Every(epochs=2))
     assert [cadence.due(e) for e in (1, 2, 3, 4)] == [False, True, False, True]
+    timed = lifecycle.Cadence(lifecycle.Every(seconds=0.2))
+    assert not timed.due(1)
+    time.sleep(0.25)
+    assert timed.due(2) and timed.due(2) and not timed.due(3)  # one decision per epoch, shared by experts
 
 
 # --------------------------------------------------------------------------------------------
