@@ -214,6 +214,10 @@ def test_checkpoint_every_parses_epochs_and_time():
         lifecycle.Every.parse("often")
     cadence = lifecycle.Cadence(lifecycle.Every(epochs=2))
     assert [cadence.due(e) for e in (1, 2, 3, 4)] == [False, True, False, True]
+    timed = lifecycle.Cadence(lifecycle.Every(seconds=0.2))
+    assert not timed.due(1)
+    time.sleep(0.25)
+    assert timed.due(2) and timed.due(2) and not timed.due(3)  # one decision per epoch, shared by experts
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,10 +376,8 @@ def test_read_only_store_file_and_folder(env, tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--register-as", "bad/name"], "--register-as 'bad/name' is not a valid registered-model name"),
-    (["--register-as", "ok", "--alias", "v3"], "--alias 'v3' is reserved"),
     (["--device", "mps"], "--device mps asked for, but torch sees no Apple MPS device"),
     (["--method", "split", "--num-groups", "20"], "--num-groups 20 is more than the 10 classes"),
-    (["--checkpoint-every", "often"], "--checkpoint-every 'often'"),
 ])
 def test_bad_input_is_one_line_before_training(env, tmp_path, args, fragment):
     proc = _ltexp(["train", "--epochs", "1", "--no-progress", *args], env, tmp_path)
@@ -383,6 +385,17 @@ def test_bad_input_is_one_line_before_training(env, tmp_path, args, fragment):
     # Nothing trained: no run finished, and a run that was opened says why it failed.
     for run in _runs(env["MLFLOW_TRACKING_URI"]):
         assert run.info.status == "FAILED" and fragment in run.data.tags["ltexp.error"]
+
+
+def test_registry_names_mlflow_refuses():
+    from ltexp import LtexpError, tracking
+
+    tracking.validate_registered_name("ltexp-digits", "candidate")
+    for name, alias, match in (("bad/name", "", "Names cannot contain"), ("a:b", "", "Names cannot contain"),
+                               ("ok", "v3", "--alias 'v3' is reserved"), ("ok", "latest", "reserved"),
+                               ("ok", "bad alias!", "--alias 'bad alias!' is not a valid alias")):
+        with pytest.raises(LtexpError, match=match):
+            tracking.validate_registered_name(name, alias)
 
 
 class _Exploit:

@@ -135,3 +135,15 @@ def test_deeply_nested_json_gets_400(served, depth):
         assert message.startswith("invalid input: JSON nested too deeply")
     ok = _post(served["url"], {"inputs": np.zeros((1, 8, 8, 1), int).tolist()})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    "", "not json", "[1, 2]", '{"inputs": null}', '{"inputs": "text"}', '{"inputs": [[["a"]]]}',
+    '{"inputs": {"a": 1}}', '{"dataframe_records": [{"x": 1}]}', '{"instances": {}}', '{"inputs": [1e999]}',
+    '{"inputs": ' + "[" * 200 + "1" + "]" * 200 + "}",
+])
+def test_malformed_requests_get_400(served, body):
+    response = requests.post(f"{served['url']}/invocations", data=body, headers={"Content-Type": "application/json"},
+                             timeout=30)
+    assert response.status_code == 400, (body[:50], response.status_code, response.text[:300])
+    assert len(response.json()["message"]) <= 1100
