@@ -79,3 +79,26 @@ def test_a_run_logs_only_the_settings_its_method_uses(method, present, absent):
 def test_other_size_is_logged_only_for_other_experts():
     cfg = resolve_config({"method": {"method": "split"}, "split": {"expert_mode": "other"}})
     assert "other_size" in used_settings(cfg)
+
+
+def test_split_experts_use_the_loss_with_their_own_counts():
+    """--loss reaches every expert of a split run, built from that expert's classes (and its
+    "other" label, counted as the images it draws per epoch)."""
+    from ltexp.data import build_long_tail
+    from ltexp.data.sources import load_digits_source
+    from ltexp.experiment import expert_info
+    from ltexp.losses import BalancedSoftmax, log_prior
+    from ltexp.methods import build_method
+
+    info = build_long_tail(load_digits_source(), "exp", 0.01, "holdout", 20, seed=0).info
+    cfg = resolve_config({"method": {"method": "split"}, "loss": {"loss": "balanced_softmax"},
+                          "split": {"expert_mode": "other"}})
+    method = build_method(cfg)
+    for spec in method.experts(info):
+        own = expert_info(info, spec)
+        loss = method.stages(own, spec)[0].loss
+        assert isinstance(loss, BalancedSoftmax)
+        assert loss.counts == [*info.train_counts[list(spec.classes)].tolist(), spec.other_per_epoch]
+        assert loss.offset.tolist() == log_prior(loss.counts).tolist()
+        # No more "other" images are drawn per epoch than the other groups hold.
+        assert spec.other_per_epoch <= int(info.train_counts.sum() - info.train_counts[list(spec.classes)].sum())
