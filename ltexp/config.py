@@ -475,11 +475,11 @@ def flatten(cfg: Any) -> dict[str, Any]:
 
 
 def setting_fields(cfg: Any) -> dict[str, dataclasses.Field]:
-    """Every leaf field of a (nested) config by name, with its metadata."""
+    """Every leaf field of a (nested) config instance by name, with its metadata."""
     out: dict[str, dataclasses.Field] = {}
     for f in fields(cfg):
-        value = getattr(cfg, f.name) if not isinstance(cfg, type) else None
-        if is_dataclass(f.type) or (value is not None and is_dataclass(value)):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
             out.update(setting_fields(value))
         else:
             out[f.name] = f

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from conftest import write_cifar_archive
+from ltexp.cli import TRAIN_SECTIONS, SECTIONS
 from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, resolve_config, setting_fields, used_settings
-from ltexp.experiment import build_experts, prepare, train_expert
+from ltexp.experiment import build_experts, expert_info, prepare, train_expert
 
 # field -> (base settings, the field's other value); base settings make the field apply.
 DIGITS = {"epochs": 1, "batch_size": 128}
@@ -95,9 +96,7 @@ def _config(settings: dict, data_dirs: Path) -> RunConfig:
             value = str(data_dirs / value)
         if name in ("seed", "preset"):
             continue
-        section = next(sec for sec, cls in (("data", "DataConfig"), ("model", "ModelConfig"), ("optim", "OptimConfig"),
-                                            ("method", "MethodConfig"), ("loss", "LossConfig"), ("split", "SplitConfig"))
-                       if name in __import__("ltexp.config", fromlist=[cls]).__dict__[cls].__dataclass_fields__)
+        section = next(sec for sec in TRAIN_SECTIONS if name in SECTIONS[sec].__dataclass_fields__)
         sections.setdefault(section, {})[name] = value
     return resolve_config(sections, seed=settings.get("seed", 0), device="cpu", preset=settings.get("preset", "ltexp"))
 
@@ -113,9 +112,8 @@ def fingerprint(cfg: RunConfig) -> str:
     digest.update(repr(method.fusion_rules(layout)).encode())
     for spec in specs:
         model, result, _ = train_expert(cfg, method, spec, prep, None, False)
-        digest.update(repr([(s.name, s.epochs, s.sampler, s.lr, s.momentum, s.weight_decay) for s in
-                            method.stages(__import__("ltexp.experiment", fromlist=["x"]).expert_info(prep.data.info, spec),
-                                          spec)]).encode())
+        stages = method.stages(expert_info(prep.data.info, spec), spec)
+        digest.update(repr([(s.name, s.epochs, s.sampler, s.lr, s.momentum, s.weight_decay) for s in stages]).encode())
         for value in model.state_dict().values():
             digest.update(value.detach().cpu().numpy().tobytes())
     return digest.hexdigest()
