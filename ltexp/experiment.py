@@ -278,14 +278,15 @@ def run_experiment(cfg: RunConfig, progress: bool = False) -> ExperimentResult:
 
 
 def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, progress: bool = False,
-            cache: ExpertCache | None = None, expert_runs: bool = True) -> ExperimentResult:
+            cache: ExpertCache | None = None, expert_runs: bool = True, shared_run: bool = False) -> ExperimentResult:
     """The experiment inside an open run: data, experts, fusion chosen on validation, one test
     evaluation, artifacts, the model, and registration when asked for.
 
     One path for every method: a single-model method is one expert that owns every class, fused
     by `concat` (the identity). With several experts, each trains in a nested run of its own
     (unless `expert_runs` is false, as inside a tuning study); a single model logs its epochs
-    into `run` itself.
+    into `run` itself. `shared_run`: `run` is written by several sessions or workers (a study's
+    parent), so facts that differ between them are tags, not (immutable) params.
     """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -296,8 +297,12 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     log_data_profile(run, data)
     method, specs, layout = build_experts(cfg, data.info)
     starts = np.cumsum([len(s.classes) for s in specs])[:-1]
-    run.log_params({"experts": ",".join(s.name for s in specs),
-                    **({"split_ranks": ",".join(map(str, starts))} if len(starts) else {})})
+    layout_facts = {"experts": ",".join(s.name for s in specs),
+                    **({"split_ranks": ",".join(map(str, starts))} if len(starts) else {})}
+    if shared_run:  # a study's parent run: the best experts change between its sessions and workers
+        run.set_tags({f"ltexp.{k}": v for k, v in layout_facts.items()})
+    else:
+        run.log_params(layout_facts)
     in_parent = len(specs) == 1  # one model: its epochs are the run's own curves
 
     experts, results = [], []

@@ -441,10 +441,12 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
 
         # The best configuration, evaluated once on test; its experts usually come from the cache.
         best_cfg = apply(base, SearchSpaceReplay(best.params, space).overrides())
-        parent.log_params({f"best.{k}": v for k, v in best.params.items()}
-                          | {"best.trial_number": best.number, "best.split_at": best_cfg.split.split_at,
-                             "best.fusion": best_cfg.split.fusion, "best.clip_norm": best_cfg.optim.clip_norm})
-        result = execute(best_cfg, parent, prep, cache=objective.cache, expert_runs=False)
+        # Tags, not params: the best trial changes as the study goes on, and several sessions or
+        # workers write this one parent run (params are immutable; concurrent workers collided).
+        parent.set_tags({f"ltexp.best.{k}": str(v) for k, v in best.params.items()}
+                        | {"ltexp.best.trial_number": str(best.number), "ltexp.best.split_at": best_cfg.split.split_at,
+                           "ltexp.best.fusion": best_cfg.split.fusion, "ltexp.best.clip_norm": str(best_cfg.optim.clip_norm)})
+        result = execute(best_cfg, parent, prep, cache=objective.cache, expert_runs=False, shared_run=True)
         # Counted after the test evaluation, whose experts come from the cache too: what is printed.
         parent.log_metrics({"experts_trained": objective.cache.misses, "experts_reused": objective.cache.hits})
         tracking.flush()

@@ -53,7 +53,7 @@ def test_study_end_to_end_with_guarded_promotion(mlflow_store, tmp_path):
         assert "objective" in trial.data.metrics and trial.data.metrics["overhead_s"] >= 0
     best = max(trials, key=lambda t: t.data.metrics["objective"])
     assert parent.data.metrics["best_value"] == pytest.approx(best.data.metrics["objective"], abs=1e-6)
-    assert parent.data.params["best.trial_number"] == best.data.tags["ltexp.trial_number"]
+    assert parent.data.tags["ltexp.best.trial_number"] == best.data.tags["ltexp.trial_number"]
     # The test set was used once, for the best trial only: no trial run holds a test metric.
     assert not any(k.startswith("test_") for t in trials for k in t.data.metrics)
     assert {"test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc"} <= set(parent.data.metrics)
