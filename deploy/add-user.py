@@ -81,24 +81,25 @@ def main(argv: list[str] | None = None) -> int:
                       f"{body.get('message', body)}", file=sys.stderr)
                 return 1
             experiment_id = body["experiment_id"]
-        status, body = call("POST", "3.0/mlflow/users/permissions/grant",
-                            {"username": args.username, "resource_type": "experiment", "resource_id": experiment_id,
-                             "permission": args.permission})
-        if status != 200:
-            print(f"add-user: error: cannot grant {args.permission} on {args.experiment!r}: HTTP {status} "
-                  f"{body.get('message', body)}", file=sys.stderr)
+        if not grant(args, "experiment", experiment_id, f"experiment {args.experiment} ({experiment_id})"):
             return 1
-        print(f"granted {args.permission} on experiment {args.experiment} ({experiment_id}) to {args.username}")
     for model in args.model:
-        status, body = call("POST", "3.0/mlflow/users/permissions/grant",
-                            {"username": args.username, "resource_type": "registered_model", "resource_id": model,
-                             "permission": args.permission})
-        if status != 200:
-            print(f"add-user: error: cannot grant {args.permission} on model {model!r}: HTTP {status} "
-                  f"{body.get('message', body)}", file=sys.stderr)
+        if not grant(args, "registered_model", model, f"registered model {model}"):
             return 1
-        print(f"granted {args.permission} on registered model {model} to {args.username}")
     return 0
+
+
+def grant(args, resource_type: str, resource_id: str, label: str) -> bool:
+    """Grant `args.permission` on one experiment or registered model; print the outcome."""
+    status, body = call("POST", "3.0/mlflow/users/permissions/grant",
+                        {"username": args.username, "resource_type": resource_type, "resource_id": resource_id,
+                         "permission": args.permission})
+    if status != 200:
+        print(f"add-user: error: cannot grant {args.permission} on {label}: HTTP {status} "
+              f"{body.get('message', body)}", file=sys.stderr)
+        return False
+    print(f"granted {args.permission} on {label} to {args.username}")
+    return True
 
 
 if __name__ == "__main__":
