@@ -21,12 +21,12 @@ from ltexp.data.sources import DATASETS
 from ltexp.engine import DEVICES
 from ltexp.fusion import FUSIONS as FUSION_RULES
 from ltexp.losses import LOSS_OPTIONS, LOSSES
-from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS
+from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
 from ltexp.models import BODIES
 
 AUTO = "auto"
 MODELS = (AUTO, *BODIES)
-FUSIONS = (AUTO, *FUSION_RULES)
+FUSIONS = (AUTO, *FUSION_RULES, STUDENT)
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, auto: bool = False,
@@ -231,6 +231,18 @@ class SplitConfig:
                           when=_is_split)
     lws: bool = setting(True, "split: LWS in every expert (true/false); --lws-mode picks joint/decoupled",
                         when=_is_split)
+    router: bool = setting(False, "split: also train a router that predicts the group (balanced softmax over the "
+                                  "groups), for the fusion rule `router`", when=_is_split)
+    distill: bool = setting(False, "split: also train one student over all classes, taught by the experts (each "
+                                   "training image by its own group's expert); it competes as `student`",
+                            when=_is_split)
+    distill_temperature: float = setting(2.0, "split, distill: softmax temperature of the teaching (KL) term",
+                                         when=lambda cfg: _is_split(cfg) and cfg.split.distill)
+    distill_weight: float = setting(1.0, "split, distill: weight of the teaching term beside the student's --loss",
+                                    when=lambda cfg: _is_split(cfg) and cfg.split.distill)
+    student_sampling: str = setting("instance", "split, distill: the student's sampler: instance (every image once "
+                                                "per epoch), over, under or balanced", choices=STUDENT_SAMPLINGS,
+                                    when=lambda cfg: _is_split(cfg) and cfg.split.distill)
 
     def __post_init__(self) -> None:
         if self.num_groups < 2:
@@ -245,6 +257,13 @@ class SplitConfig:
         _check_choices(self)
         if self.fusion in ("other", "calibrated_other") and self.expert_mode != "other":
             raise LtexpError(f"--fusion {self.fusion} needs --expert-mode other (experts without an \"other\" label)")
+        if self.fusion == "router" and not self.router:
+            raise LtexpError("--fusion router needs --router true (a router model to predict the group)")
+        if self.fusion == STUDENT and not self.distill:
+            raise LtexpError(f"--fusion {STUDENT} needs --distill true (a student to serve)")
+        if self.distill_temperature <= 0 or self.distill_weight < 0:
+            raise LtexpError(f"--distill-temperature {self.distill_temperature} must be > 0 and --distill-weight "
+                             f"{self.distill_weight} >= 0")
 
     def split_ranks(self) -> tuple[int, ...] | None:
         """The group start ranks, or None for the default equal split."""

@@ -194,7 +194,10 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
                     images = images.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):
                     logits = model(images)
-                    loss = stage.loss(logits.float(), labels)
+                    if train.soft_targets is None:
+                        loss = stage.loss(logits.float(), labels)
+                    else:  # distillation: the loss also reads each image's teacher targets
+                        loss = stage.loss(logits.float(), labels, train.soft_targets[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_norm > 0:

@@ -23,8 +23,8 @@ from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
 from ltexp.engine import FitResult, fit, fit_epochs, predict_logits, resolve_device
-from ltexp.fusion import ExpertLayout, fit_rule, fuse, oracle_predict, routing_accuracy
-from ltexp.methods import ExpertSpec, build_method
+from ltexp.fusion import ExpertLayout, fit_rule, fuse, oracle_predict, route_accuracy, routing_accuracy
+from ltexp.methods import EXPERT, ROUTER, STUDENT, ExpertSpec, build_method
 from ltexp.metrics import accuracy_metrics, classification_metrics, confusion_matrix, per_class_accuracy
 from ltexp.models import build_model, channel_stats
 from ltexp.predictor import FusedPredictor
@@ -65,10 +65,17 @@ def expert_view(images: DeviceImages, spec: ExpertSpec, num_classes: int) -> Dev
     """The images an expert sees, labelled in its own output space.
 
     Without "other": only its classes' images (a copy of that subset). With "other": every image
-    (the same device tensor, no copy), the rest labelled `len(spec.classes)`.
+    (the same device tensor, no copy), the rest labelled `len(spec.classes)`. A router sees every
+    image labelled by its group.
     """
-    local = torch.full((num_classes,), len(spec.classes), dtype=torch.long, device=images.labels.device)
-    local[list(spec.classes)] = torch.arange(len(spec.classes), device=images.labels.device)
+    device = images.labels.device
+    if spec.role == ROUTER:  # every image, labelled by its group
+        group = torch.empty(num_classes, dtype=torch.long, device=device)
+        for g, classes in enumerate(spec.routes):
+            group[list(classes)] = g
+        return DeviceImages(images.images, group[images.labels])
+    local = torch.full((num_classes,), len(spec.classes), dtype=torch.long, device=device)
+    local[list(spec.classes)] = torch.arange(len(spec.classes), device=device)
     labels = local[images.labels]
     if spec.other:
         return DeviceImages(images.images, labels)
@@ -78,7 +85,11 @@ def expert_view(images: DeviceImages, spec: ExpertSpec, num_classes: int) -> Dev
 
 def expert_info(info: ClassInfo, spec: ExpertSpec) -> ClassInfo:
     """Class names and training counts of an expert's outputs; its "other" label counts the
-    images it draws per epoch (what its loss and sampler see)."""
+    images it draws per epoch (what its loss and sampler see). A router's outputs are the groups,
+    each counting its classes' images."""
+    if spec.role == ROUTER:
+        counts = [int(info.train_counts[list(classes)].sum()) for classes in spec.routes]
+        return ClassInfo(spec.route_names, np.asarray(counts, dtype=np.int64))
     names = tuple(info.class_names[c] for c in spec.classes) + (("other",) if spec.other else ())
     counts = info.train_counts[list(spec.classes)].tolist() + ([spec.other_per_epoch] if spec.other else [])
     return ClassInfo(names, np.asarray(counts, dtype=np.int64))
@@ -87,20 +98,27 @@ def expert_info(info: ClassInfo, spec: ExpertSpec) -> ClassInfo:
 def expert_seed(cfg: RunConfig, spec: ExpertSpec) -> int:
     """Seed of an expert's initialisation and sampling: the run seed and the classes it owns, so
     the same expert gets the same seed whatever its position among the groups (and can be reused)."""
-    return cfg.seed * 1_000_003 + zlib.crc32(repr((spec.classes, spec.other, spec.other_per_epoch)).encode()) % 1_000_003
+    identity = (spec.classes, spec.other, spec.other_per_epoch) + ((spec.role, spec.routes) if spec.role != EXPERT else ())
+    return cfg.seed * 1_000_003 + zlib.crc32(repr(identity).encode()) % 1_000_003
 
 
 def expert_key(cfg: RunConfig, spec: ExpertSpec) -> str:
     """Everything that changes how an expert trains; equal keys give bit-identical experts on CPU."""
-    settings = {k: v for k, v in used_settings(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
+    if spec.role == EXPERT:
+        settings = {k: v for k, v in used_settings(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
+        identity = {}
+    else:  # a router depends on the groups, a student on every expert that teaches it
+        settings = {k: v for k, v in used_settings(cfg).items() if k not in ("fusion", "device")}
+        identity = {"role": spec.role, "routes": spec.routes}
     return json.dumps({"settings": settings, "classes": spec.classes, "other": spec.other,
-                       "other_per_epoch": spec.other_per_epoch}, sort_keys=True, default=str)
+                       "other_per_epoch": spec.other_per_epoch, **identity}, sort_keys=True, default=str)
 
 
 # Config fields that never reach an expert's training (they pick groups or fusion; the groups
 # themselves are part of the key through the expert's classes). Bookkeeping fields are not in
 # `used_settings` at all.
-UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "device"}
+UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "device", "router",
+                             "distill", "distill_temperature", "distill_weight", "student_sampling"}
 
 
 @dataclass
@@ -123,8 +141,8 @@ class ExpertCache:
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
-                 cache: ExpertCache | None = None,
-                 checkpoint: lifecycle.Checkpointer | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
+                 cache: ExpertCache | None = None, checkpoint: lifecycle.Checkpointer | None = None,
+                 teacher: torch.Tensor | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
     """Train one expert with the one engine, resuming from `checkpoint`, then apply the method's
     post-hoc step (or take the finished expert from `cache`).
 
@@ -137,7 +155,7 @@ def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_
     if cached is not None:
         model.load_state_dict(cached[0])
         return model.eval(), cached[1], True
-    inputs = fit_inputs(cfg, method, spec, prep)
+    inputs = fit_inputs(cfg, method, spec, prep, teacher)
     result = fit(model, **inputs, on_epoch=on_epoch, progress=Progress(spec.name) if progress else None,
                  checkpoint=checkpoint)
     val = inputs["val"]
@@ -155,11 +173,14 @@ def new_expert_model(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared")
                        head=method.head).to(prep.device)
 
 
-def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> dict:
-    """The engine's arguments for one expert: its view of the data, stages, classes and seed."""
+def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", teacher: torch.Tensor | None = None) -> dict:
+    """The engine's arguments for one expert: its view of the data, stages, classes and seed
+    (and, for a student, the teacher logits of every training image as soft targets)."""
     data, splits = prep.data, prep.splits
     k = data.info.num_classes
     train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
+    if teacher is not None:
+        train = DeviceImages(train.images, train.labels, teacher)
     info = expert_info(data.info, spec)
     return dict(train=train, val=val, stages=method.stages(info, spec), info=info, batch_size=cfg.optim.batch_size,
                 clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
@@ -219,8 +240,25 @@ def build_experts(cfg: RunConfig, info: ClassInfo):
     """The method object, its expert specs, and their layout (validates `split_at`)."""
     method = build_method(cfg)
     specs = method.experts(info)
-    layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), info.num_classes)
+    layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), info.num_classes,
+                          router=method.router(specs) is not None)
     return method, specs, layout
+
+
+def teacher_targets(experts: list[torch.nn.Module], layout: ExpertLayout, images: DeviceImages) -> torch.Tensor:
+    """(N, K) teacher logits for a student: each image gets its *own* group's expert's logits on
+    that expert's classes (training labels are known, so this routing is legitimate), -inf on
+    every other class."""
+    k = layout.num_classes
+    labels = images.labels
+    group = layout.group_of().to(labels.device)[labels]
+    targets = torch.full((len(labels), k), float("-inf"), device=labels.device)
+    for e, (model, classes) in enumerate(zip(experts, layout.owners)):
+        rows = (group == e).nonzero().squeeze(1)
+        if len(rows):
+            logits = predict_logits(model, images.images[rows])[:, :len(classes)]
+            targets[rows[:, None], torch.as_tensor(classes, device=labels.device)[None, :]] = logits
+    return targets
 
 
 def _timed(device: torch.device, fn):
@@ -248,6 +286,18 @@ def fusion_table(layout: ExpertLayout, val: tuple, info: ClassInfo, rules: list[
             row.update({f"{split}_{k}": v for k, v in metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def student_row(layout: ExpertLayout, val: tuple, test: tuple, info: ClassInfo) -> pd.DataFrame:
+    """The distilled student as one more row of the fusion table (`fusion` = "student"): its own
+    logits scored like a rule's fused output, with the routing accuracy of its predictions."""
+    row = {"fusion": STUDENT, "params": {}}
+    for split, (logits, labels) in (("val", val), ("test", test)):
+        log_probs = torch.log_softmax(logits.float(), dim=1)
+        metrics = classification_metrics(log_probs, labels, info)
+        metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, layout)
+        row.update({f"{split}_{k}": v for k, v in metrics.items()})
+    return pd.DataFrame([row])
 
 
 def log_test_artifacts(run: tracking.Run, predicted: torch.Tensor, labels: torch.Tensor, data: LongTailData) -> None:
@@ -305,40 +355,64 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         run.log_params(layout_facts)
     in_parent = len(specs) == 1  # one model: its epochs are the run's own curves
 
-    experts, results = [], []
+    results: list[FitResult] = []
     child_ids: list[str] = []
     checkpoints: list[lifecycle.Checkpointer | None] = []
-    for spec in specs:
+
+    def train_one(spec: ExpertSpec, teacher: torch.Tensor | None = None) -> torch.nn.Module:
         if in_parent or not expert_runs:
             checkpoints.append(checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None)
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
-                                            progress, cache, checkpoints[-1])
+                                            progress, cache if spec.role == EXPERT else None, checkpoints[-1], teacher)
         else:
             tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
-            with run.child(f"expert-{spec.name}", tags) as child:
-                child.log_params({"expert": spec.name, "classes": ",".join(data.info.class_names[c] for c in spec.classes),
-                                  "other": spec.other, **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
-                checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"expert {spec.name}"))
-                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, cache,
-                                                checkpoints[-1])
+            owned = spec.route_names if spec.role == ROUTER else [data.info.class_names[c] for c in spec.classes]
+            with run.child(f"{'expert-' if spec.role == EXPERT else ''}{spec.name}", tags) as child:
+                child.log_params({"expert": spec.name, "classes": ",".join(owned), "other": spec.other,
+                                  **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
+                checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"{spec.role} {spec.name}"))
+                # Routers and students are not cached: they depend on the groups / on every teacher.
+                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress,
+                                                cache if spec.role == EXPERT else None, checkpoints[-1], teacher)
                 child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
                                    "best_epoch": result.best_epoch, **result.posthoc})
                 child_ids.append(child.run_id)
-        experts.append(model)
         results.append(result)
+        return model
+
+    experts = [train_one(spec) for spec in specs]
+    router_spec, student_spec = method.router(specs), method.student(data.info)
+    scorers = experts + ([train_one(router_spec)] if router_spec is not None else [])  # what fusion rules read
+    student = None
+    if student_spec is not None:
+        student = train_one(student_spec, teacher_targets(experts, layout, splits.train))
 
     # Fusion rules are fitted and chosen on validation; the test set is scored once per rule.
-    val_outputs = [predict_logits(m, splits.val.images) for m in experts]
-    test_outputs, test_time = _timed(device, lambda: [predict_logits(m, splits.test.images) for m in experts])
+    val_outputs = [predict_logits(m, splits.val.images) for m in scorers]
+    test_outputs, test_time = _timed(device, lambda: [predict_logits(m, splits.test.images) for m in scorers])
     table = fusion_table(layout, (val_outputs, splits.val.labels), data.info, method.fusion_rules(layout),
                          test=(test_outputs, splits.test.labels))
+    if student is not None:
+        student_val = predict_logits(student, splits.val.images)
+        student_test, student_time = _timed(device, lambda: predict_logits(student, splits.test.images))
+        table = pd.concat([table, student_row(layout, (student_val, splits.val.labels),
+                                              (student_test, splits.test.labels), data.info)], ignore_index=True)
     chosen = table.sort_values(["val_acc", "val_nll"], ascending=[False, True]).iloc[0]["fusion"]
     row = table.set_index("fusion").loc[chosen]
-    predictor = FusedPredictor(experts, layout, chosen, data.info.class_names, data.image_shape, row["params"])
-    log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
-    test_time += fuse_time
+    if chosen == STUDENT:  # one model over every class: no routing at test time
+        one = ExpertLayout((tuple(range(data.info.num_classes)),), (False,), data.info.num_classes)
+        predictor = FusedPredictor([student], one, "concat", data.info.class_names, data.image_shape)
+        log_probs, fuse_time = _timed(device, lambda: fuse("concat", [student_test], one))
+        test_time = student_time + fuse_time
+    else:
+        predictor = FusedPredictor(scorers, layout, chosen, data.info.class_names, data.image_shape, row["params"])
+        log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
+        test_time += fuse_time
     test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
     val_metrics = {k[4:]: row[k] for k in table.columns if k.startswith("val_")}
+    if router_spec is not None:  # the router's own accuracy at predicting the true group
+        val_metrics["router_acc"] = route_accuracy(val_outputs, layout, splits.val.labels)
+        test_metrics["router_acc"] = route_accuracy(test_outputs, layout, splits.test.labels)
 
     metrics = headline_metrics(results)
     if len(specs) > 1:

@@ -12,6 +12,12 @@ last column its "other" label when it has one.
   validation by minimising the fused negative log-likelihood.
 - `other` (the paper's variant): P(c) ~ p_owner(c) * prod over other experts of p_e(other).
 - `calibrated_other`: `other` with a fitted temperature and bias per expert.
+- `router`: a mixture of experts, p(c|x) = p(g(c)|x) * p(c|x, g(c)). A router model (trained with
+  balanced softmax over the groups, so its p(g|x) assumes equal group priors) gives p(g|x); under a
+  class-balanced test prior a group's prior is its share of the classes, so log |G_g| is added to
+  its log-probability. p(c|x, g) is the owner's softmax over its own classes (experts trained with
+  a balanced loss, e.g. `--loss balanced_softmax`, give a prior-corrected one). Needs a router
+  (`--router true`); its outputs are the last entry of `outputs`.
 
 `oracle_predict` is the paper's measurement (route each image to its true group's expert): an
 upper bound, never a fused prediction.
@@ -19,6 +25,7 @@ upper bound, never a fused prediction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -35,6 +42,7 @@ class ExpertLayout:
     owners: tuple[tuple[int, ...], ...]
     has_other: tuple[bool, ...]
     num_classes: int
+    router: bool = False  # outputs end with a router's (N, num_experts) group logits
 
     def group_of(self) -> torch.Tensor:
         """Class -> index of the expert that owns it."""
@@ -77,7 +85,7 @@ def _other_rule(outputs, layout: ExpertLayout, temperature=None, bias=None) -> t
     g = len(layout.owners)
     temperature = temperature if temperature is not None else torch.ones(g)
     bias = bias if bias is not None else torch.zeros(g)
-    log_probs = [F.log_softmax(out.float() / temperature[e], dim=1) for e, out in enumerate(outputs)]
+    log_probs = [F.log_softmax(out.float() / temperature[e], dim=1) for e, out in enumerate(outputs[:g])]
     log_other = [lp[:, -1] if layout.has_other[e] else torch.zeros_like(lp[:, 0]) for e, lp in enumerate(log_probs)]
     total_other = torch.stack(log_other).sum(dim=0)
     parts = []
@@ -108,6 +116,24 @@ def _with_params(form: Callable, rule: str):
 
     apply.__name__ = f"fuse_{rule}"
     return apply
+
+
+def fuse_router(outputs, layout: ExpertLayout, params: dict | None = None) -> torch.Tensor:
+    """log p(g|x) + log |G_g| + log p_owner(c|x) (see the module docstring)."""
+    if not layout.router:
+        raise LtexpError("fusion 'router' needs a router model (--router true)")
+    route = F.log_softmax(outputs[len(layout.owners)].float(), dim=1)
+    parts = [F.log_softmax(z, dim=1) + (route[:, e] + math.log(len(classes)))[:, None]
+             for e, (z, classes) in enumerate(zip(_own(outputs, layout), layout.owners))]
+    return _scatter(parts, layout)
+
+
+def route_accuracy(outputs, layout: ExpertLayout, labels: torch.Tensor) -> float:
+    """The router's own accuracy: how often its most likely group (class-share prior included,
+    as `router` fuses it) is the image's true group."""
+    shares = torch.log(torch.tensor([float(len(c)) for c in layout.owners]))
+    route = F.log_softmax(outputs[len(layout.owners)].float().cpu(), dim=1) + shares
+    return float((route.argmax(1) == layout.group_of()[labels.cpu()]).float().mean())
 
 
 fuse_calibrated = _with_params(_scaled_concat, "calibrated")
@@ -157,14 +183,18 @@ FUSIONS: dict[str, Callable] = {
     "calibrated": fuse_calibrated,
     "other": fuse_other,
     "calibrated_other": fuse_calibrated_other,
+    "router": fuse_router,
 }
 FITTED = {"calibrated": fit_calibrated, "calibrated_other": fit_calibrated_other}  # fitted on validation
 NEEDS_OTHER = {"other", "calibrated_other"}
+NEEDS_ROUTER = {"router"}
 
 
 def applicable_rules(layout: ExpertLayout) -> list[str]:
-    """Rules that can run on these experts (`other` rules need "other" labels on every expert)."""
-    return [name for name in FUSIONS if name not in NEEDS_OTHER or all(layout.has_other)]
+    """Rules that can run on these experts (`other` rules need "other" labels on every expert,
+    `router` a router)."""
+    return [name for name in FUSIONS
+            if (name not in NEEDS_OTHER or all(layout.has_other)) and (name not in NEEDS_ROUTER or layout.router)]
 
 
 def fit_rule(name: str, outputs, layout: ExpertLayout, labels: torch.Tensor) -> dict:

@@ -14,6 +14,10 @@ adjusted logits, optionally class-weighted:
   (1 - beta) / (1 - beta^n_c), normalised to sum to K.
 - `focal` (Lin et al. 2017): (1 - p_y)^gamma * CE.
 
+`Distilled` wraps any of them for a student taught by experts (Xiang et al. 2020, "Learning From
+Multiple Experts"): the base loss plus `weight * T^2 * KL(teacher || student)` at temperature T,
+over the classes the image's teacher scores.
+
 Counts include an expert's "other" label when it has one (its count is the images it draws per
 epoch), so every loss is built from what the model really sees.
 """
@@ -135,6 +139,43 @@ class Focal(Loss):
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
         return (-(1.0 - log_p.exp()).pow(self.gamma) * log_p).mean()
+
+
+class Distilled(Loss):
+    """`base(logits, labels) + weight * T^2 * KL(softmax(a(t) / T) || softmax(a(z) / T))`, both
+    softmaxes over the classes where the image's teacher logits `t` are finite (its expert's
+    classes); `a` is the base loss's logit adjustment (identity for `ce`).
+
+    T^2 keeps the distillation gradient's size independent of T (Hinton et al. 2015). Without
+    teacher targets it is the base loss (a batch of images no expert taught).
+    """
+
+    name = "distilled"
+
+    def __init__(self, base: Loss, temperature: float, weight: float):
+        super().__init__(base.counts)
+        self.base, self.temperature, self.weight_kd = base, float(temperature), float(weight)
+        self.head = base.head
+
+    def start_epoch(self, epoch: int) -> None:
+        self.base.start_epoch(epoch)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.base(logits, labels)
+        if teacher is None or self.weight_kd == 0:
+            return loss
+        scored = torch.isfinite(teacher)
+        t = self.temperature
+        # Both sides in the space the base loss trains in (balanced softmax: z + log prior). On
+        # training images a teacher is nearly one-hot, so a KL on raw logits would act as plain,
+        # prior-biased cross-entropy and undo the balancing; within one group the prior offset is
+        # the teacher's own training offset up to a constant, which a softmax ignores.
+        student = self.base.adjusted(logits.float(), labels)
+        teacher = self.base.adjusted(teacher.float(), labels)
+        log_student = F.log_softmax((student / t).masked_fill(~scored, float("-inf")), dim=1)
+        log_teacher = F.log_softmax((teacher / t).masked_fill(~scored, float("-inf")), dim=1)
+        kl = (log_teacher.exp() * (log_teacher - log_student)).masked_fill(~scored, 0.0).sum(dim=1)
+        return loss + self.weight_kd * t * t * kl.mean()
 
 
 LOSSES = {cls.name: cls for cls in (CrossEntropy, BalancedSoftmax, LogitAdjusted, LDAM, Focal)}

@@ -19,7 +19,7 @@ import torch
 from ltexp import posthoc
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
 from ltexp.fusion import applicable_rules
-from ltexp.losses import Loss, build_loss, head_for
+from ltexp.losses import BalancedSoftmax as BalancedSoftmaxLoss, Distilled, Loss, build_loss, head_for
 
 if TYPE_CHECKING:  # config imports this module for its choice lists
     from ltexp.config import RunConfig
@@ -35,6 +35,12 @@ RESAMPLINGS = ("over", "under", "balanced")   # samplers (ltexp/data/sampling.py
 LWS_MODES = ("joint", "decoupled")
 EXPERT_MODES = ("own", "other")
 OTHER_SIZES = ("mean", "min", "max")
+STUDENT = "student"                      # the split's distilled student, when it competes with the fusion rules
+STUDENT_SAMPLINGS = ("instance", *RESAMPLINGS)
+
+# What a model of a method is: an expert owning classes, a router predicting the group, or a
+# student over all classes taught by the experts.
+EXPERT, ROUTER = "expert", "router"
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,13 @@ class ExpertSpec:
     classes: tuple[int, ...]
     other: bool = False
     other_per_epoch: int = 0  # "other" images drawn per epoch (expert_mode=other)
+    role: str = EXPERT        # EXPERT, ROUTER or STUDENT
+    routes: tuple[tuple[int, ...], ...] = ()  # a router's groups: output g means "a class in routes[g]"
+    route_names: tuple[str, ...] = ()
 
     @property
     def num_outputs(self) -> int:
-        return len(self.classes) + int(self.other)
+        return len(self.routes) if self.role == ROUTER else len(self.classes) + int(self.other)
 
 
 class Baseline:
@@ -98,6 +107,14 @@ class Baseline:
     def fusion_rules(self, layout) -> list[str]:
         """Rules that may fuse its experts; one expert owning every class needs only `concat` (identity)."""
         return ["concat"]
+
+    def router(self, experts: list[ExpertSpec]) -> ExpertSpec | None:
+        """A model that predicts which expert's group an image belongs to (None: no router)."""
+        return None
+
+    def student(self, info: ClassInfo) -> ExpertSpec | None:
+        """A model over every class that the experts teach after they trained (None: no student)."""
+        return None
 
     def _stage(self, info: ClassInfo, sampler: str, trainable: str = TRAIN_NETWORK) -> Stage:
         optim = self.cfg.optim
@@ -246,9 +263,31 @@ class Split(LWS):
 
     def fusion_rules(self, layout) -> list[str]:
         chosen = self.cfg.split.fusion
+        if chosen == STUDENT:
+            return []  # the student alone is served; the experts are its teachers
         return applicable_rules(layout) if chosen == "auto" else [chosen]
 
+    def router(self, experts: list[ExpertSpec]) -> ExpertSpec | None:
+        """The group router (`--router true`): one output per expert's group."""
+        if not self.cfg.split.router:
+            return None
+        return ExpertSpec(ROUTER, (), role=ROUTER, routes=tuple(e.classes for e in experts),
+                          route_names=tuple(e.name for e in experts))
+
+    def student(self, info: ClassInfo) -> ExpertSpec | None:
+        """The distilled student over every class (`--distill true`)."""
+        return ExpertSpec(STUDENT, tuple(range(info.num_classes)), role=STUDENT) if self.cfg.split.distill else None
+
     def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
+        if spec is not None and spec.role == ROUTER:
+            # Balanced softmax over the groups: the router's p(g|x) assumes equal group priors,
+            # which the `router` rule turns into the class-balanced test prior.
+            return [replace(self._stage(info, "instance"), name=ROUTER, loss=BalancedSoftmaxLoss(info.train_counts))]
+        if spec is not None and spec.role == STUDENT:
+            split_cfg = self.cfg.split
+            stage = self._stage(info, split_cfg.student_sampling)
+            return [replace(stage, name=STUDENT, loss=Distilled(stage.loss, split_cfg.distill_temperature,
+                                                                split_cfg.distill_weight))]
         stages = LWS.stages(self, info, spec) if self.cfg.split.lws else Baseline.stages(self, info, spec)
         if spec is not None and spec.other:
             # The main stage draws every own image plus `other_per_epoch` "other" images.

@@ -87,6 +87,7 @@ class FusedPredictor:
         meta = {"ltexp_version": __version__, "fusion": self.fusion, "fusion_params": self.fusion_params,
                 "class_names": list(self.class_names), "image_shape": list(self.image_shape),
                 "owners": [list(c) for c in self.layout.owners], "has_other": list(self.layout.has_other),
+                "router": self.layout.router,
                 "max_batch_images": MAX_BATCH_IMAGES}
         (directory / "predictor.json").write_text(json.dumps(meta, indent=2))
         return directory
@@ -104,7 +105,8 @@ class FusedPredictor:
             state.setdefault("head.offset", torch.zeros(saved["num_outputs"]))
             model.load_state_dict(state)
             experts.append(model.to(device).eval())
-        layout = ExpertLayout(tuple(tuple(c) for c in meta["owners"]), tuple(meta["has_other"]), len(meta["class_names"]))
+        layout = ExpertLayout(tuple(tuple(c) for c in meta["owners"]), tuple(meta["has_other"]), len(meta["class_names"]),
+                              router=bool(meta.get("router", False)))  # models saved before routers had none
         # "none" was the name of one expert's identity rule before it became `concat`.
         fusion = "concat" if meta["fusion"] == "none" else meta["fusion"]
         return cls(experts, layout, fusion, tuple(meta["class_names"]), tuple(meta["image_shape"]),

@@ -30,7 +30,7 @@ from ltexp import LtexpError, lifecycle, tracking
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
-from ltexp.fusion import NEEDS_OTHER, FUSIONS
+from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
 
 OBJECTIVE_KEYS = ("acc", "head_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "macro_acc", "routing_acc",
                   "ece", "nll")
@@ -132,10 +132,14 @@ class SearchSpace:
                              f"split points for {groups} groups: widen --split-min/--split-max")
         if not self.fusions(None):
             raise LtexpError("--fusions leaves no rule for the searched expert mode(s): add e.g. concat")
+        if self.base.split.router or self.base.split.distill or any(f in NEEDS_ROUTER for f in self.fusions(None)):
+            raise LtexpError("tuning searches expert splits and fusion rules only: --router, --distill and the "
+                             "router rule are for `ltexp train --method split` (set them false / leave them out)")
 
     def fusions(self, expert_mode: str | None) -> list[str]:
         """Rules searched for an expert mode (None: the union)."""
-        chosen = self.tune.fusion_list() or [f for f in FUSIONS]
+        # Trials train experts only (no router, no student): rules that need a router are not searched.
+        chosen = self.tune.fusion_list() or [f for f in FUSIONS if f not in NEEDS_ROUTER]
         modes = ["own", "other"] if "expert_mode" in self.dims else [self.base.split.expert_mode]
         if expert_mode is not None:
             modes = [expert_mode]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -227,6 +228,49 @@ def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, g
     assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
 
 
+def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path):
+    """The honest-split designs end to end: a router and a distilled student train as child runs,
+    compete with the fusion rules on validation, and the logged model reproduces the headline."""
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local", "-P", "epochs=3",
+                           "-P", "lws=false", "-P", "loss=balanced_softmax", "-P", "router=true", "-P", "distill=true",
+                           "-P", "student_sampling=balanced"],
+                          env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (parent,) = [r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags]
+    children = {c.data.tags["ltexp.expert"]: c for c in _children(parent.info.run_id)}
+    assert set(children) == {"head", "tail", "router", "student"}
+    assert children["router"].data.params["classes"] == "head,tail"
+    assert children["student"].data.params["classes"] == ",".join(str(c) for c in range(10))
+    m = parent.data.metrics
+    assert HEADLINE_KEYS <= set(m)
+    assert 0.0 <= m["test_router_acc"] <= 1.0 and "val_router_acc" in m
+    assert {"test_acc__fusion_router", "test_acc__fusion_student", "test_acc__fusion_concat"} <= set(m)
+    chosen = parent.data.tags["ltexp.fusion"]
+    assert m["val_acc"] == pytest.approx(max(v for k, v in m.items() if k.startswith("val_acc__fusion_")))
+    assert m["test_acc"] == pytest.approx(m[f"test_acc__fusion_{chosen}"])
+    assert parent.data.params["distill_weight"] == "1.0" and parent.data.params["router"] == "true"
+    from ltexp.config import resolve_config
+    from ltexp.data import build_dataset
+
+    digits = build_dataset(resolve_config({}).data)
+    model = mlflow.pyfunc.load_model(parent.data.tags["ltexp.model_uri"])
+    predicted = model.predict(digits.test_images)["label"].to_numpy()
+    assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
+
+    # --fusion student serves the student alone: one model over every class, no routing.
+    proc = _ltexp(["train", "--method", "split", "--epochs", "2", "--lws", "false", "--distill", "true",
+                   "--fusion", "student", "--no-progress"], subprocess_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    forced = max((r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert forced.data.tags["ltexp.fusion"] == "student"
+    served = mlflow.pyfunc.load_model(forced.data.tags["ltexp.model_uri"])
+    predicted = served.predict(digits.test_images)["label"].to_numpy()
+    assert (predicted == digits.test_labels).mean() == pytest.approx(forced.data.metrics["test_acc"], abs=1e-6)
+    local = Path(mlflow.artifacts.download_artifacts(forced.data.tags["ltexp.model_uri"], dst_path=str(tmp_path / "m")))
+    (meta,) = local.rglob("predictor.json")
+    assert json.loads(meta.read_text())["owners"] == [list(range(10))]  # the student alone
+
+
 def test_split_at_and_forced_fusion_and_register(subprocess_env, tmp_path):
     proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "2",
                    "--lws", "false", "--no-progress"], subprocess_env, cwd=tmp_path)
@@ -252,6 +296,9 @@ def test_split_at_and_forced_fusion_and_register(subprocess_env, tmp_path):
     (["--split-at", "6,3", "--num-groups", "3"], "--split-at 6,3 must be strictly increasing"),
     (["--split-at", "3,6"], "gives 3 groups but --num-groups is 2"),
     (["--fusion", "other"], "--fusion other needs --expert-mode other"),
+    (["--fusion", "router"], "--fusion router needs --router true"),
+    (["--fusion", "student"], "--fusion student needs --distill true"),
+    (["--distill-temperature", "0"], "--distill-temperature 0.0 must be > 0"),
 ])
 def test_bad_split_settings_are_one_line(subprocess_env, tmp_path, args, fragment):
     proc = _ltexp(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], subprocess_env, cwd=tmp_path)

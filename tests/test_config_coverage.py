@@ -3,7 +3,8 @@ documented bookkeeping list (config.BOOKKEEPING_FIELDS).
 
 For each field the test trains tiny models twice, with the field at a base value and at another,
 and compares a fingerprint of everything training produced: the long-tailed data, the stages, the
-experts' weights (post-hoc step included) and the fusion rules the method may choose from.
+experts' weights (post-hoc step included), a split's router and student when it trains them, and
+the fusion rules the method may choose from.
 """
 
 import hashlib
@@ -17,7 +18,7 @@ from PIL import Image
 from conftest import write_cifar_archive
 from ltexp.cli import TRAIN_SECTIONS, SECTIONS
 from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, resolve_config, setting_fields, used_settings
-from ltexp.experiment import build_experts, expert_info, prepare, train_expert
+from ltexp.experiment import build_experts, expert_info, prepare, teacher_targets, train_expert
 
 # field -> (base settings, the field's other value); base settings make the field apply.
 DIGITS = {"epochs": 1, "batch_size": 128}
@@ -61,6 +62,11 @@ CASES = {
     "other_size": ({"method": "split", "expert_mode": "other"}, "min"),
     "fusion": ({"method": "split"}, "concat"),
     "lws": ({"method": "split"}, False),
+    "router": ({"method": "split"}, True),
+    "distill": ({"method": "split"}, True),
+    "distill_temperature": ({"method": "split", "distill": True}, 4.0),
+    "distill_weight": ({"method": "split", "distill": True}, 0.1),
+    "student_sampling": ({"method": "split", "distill": True}, "balanced"),
     "seed": ({}, 1),
     "preset": ({}, "paper"),
 }
@@ -110,12 +116,20 @@ def fingerprint(cfg: RunConfig) -> str:
         digest.update(np.ascontiguousarray(array).tobytes())
     method, specs, layout = build_experts(cfg, prep.data.info)
     digest.update(repr(method.fusion_rules(layout)).encode())
-    for spec in specs:
-        model, result, _ = train_expert(cfg, method, spec, prep, None, False)
+    def train(spec, teacher=None):
+        model, result, _ = train_expert(cfg, method, spec, prep, None, False, teacher=teacher)
         stages = method.stages(expert_info(prep.data.info, spec), spec)
         digest.update(repr([(s.name, s.epochs, s.sampler, s.lr, s.momentum, s.weight_decay) for s in stages]).encode())
         for value in model.state_dict().values():
             digest.update(value.detach().cpu().numpy().tobytes())
+        return model
+
+    experts = [train(spec) for spec in specs]
+    router, student = method.router(specs), method.student(prep.data.info)  # the split's extra models
+    if router is not None:
+        train(router)
+    if student is not None:
+        train(student, teacher_targets(experts, layout, prep.splits.train))
     return digest.hexdigest()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ltexp import LtexpError
 from ltexp.fusion import (ExpertLayout, applicable_rules, fit_calibrated, fuse, fuse_absnorm, fuse_concat,
-                          fuse_other, fuse_softmax, oracle_predict, routing_accuracy)
+                          fuse_other, fuse_softmax, oracle_predict, route_accuracy, routing_accuracy)
 
 # Four classes: head expert owns classes 0 and 2, tail expert owns 1 and 3 (owners need not be
 # contiguous labels: ownership follows training-count rank).
@@ -109,3 +109,41 @@ def test_layout_rejects_unowned_classes():
     with pytest.raises(ValueError):
         ExpertLayout(((0,), (1,)), (False, False), 3).group_of()
     assert math.isclose(routing_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1]), LAYOUT), 1.0)
+
+
+ROUTER_LAYOUT = ExpertLayout(((0, 2), (1, 3)), (False, False), 4, router=True)
+# A 3-class head expert and a 1-class tail expert: the class-share prior log|G_g| matters.
+UNEVEN_ROUTER_LAYOUT = ExpertLayout(((0, 1, 2), (3,)), (False, False), 4, router=True)
+
+
+def test_a_perfect_router_reproduces_the_oracle():
+    torch.manual_seed(0)
+    head, tail = torch.randn(50, 2), torch.randn(50, 2)
+    labels = torch.randint(0, 4, (50,))
+    group = ROUTER_LAYOUT.group_of()[labels]
+    router = torch.nn.functional.one_hot(group, 2).float() * 100.0  # certain of the true group
+    fused = fuse("router", [head, tail, router], ROUTER_LAYOUT).argmax(1)
+    assert torch.equal(fused, oracle_predict([head, tail], ROUTER_LAYOUT, labels))
+    assert route_accuracy([head, tail, router], ROUTER_LAYOUT, labels) == 1.0
+    assert routing_accuracy(fused, labels, ROUTER_LAYOUT) == 1.0
+
+
+def test_a_uniform_router_weighs_each_experts_softmax_by_its_share_of_the_classes():
+    head = torch.tensor([[2.0, 0.0, 1.0]])
+    tail = torch.tensor([[5.0]])
+    router = torch.zeros(1, 2)  # p(g|x) = 1/2 each under equal group priors
+    p = fuse("router", [head, tail, router], UNEVEN_ROUTER_LAYOUT).exp()[0]
+    # p(c|x) = (|G_g| / K) * softmax_g(c): the head group holds 3 of 4 classes, the tail 1.
+    head_soft = torch.softmax(head[0], 0)
+    assert p.tolist() == pytest.approx([0.75 * head_soft[0].item(), 0.75 * head_soft[1].item(),
+                                        0.75 * head_soft[2].item(), 0.25])
+    assert route_accuracy([head, tail, router], UNEVEN_ROUTER_LAYOUT, torch.tensor([3])) == 0.0  # says head
+
+
+def test_router_rule_applies_only_with_a_router_and_others_ignore_it():
+    assert "router" in applicable_rules(ROUTER_LAYOUT) and "router" not in applicable_rules(LAYOUT)
+    with pytest.raises(LtexpError, match="needs a router model"):
+        fuse("router", [torch.zeros(1, 2), torch.zeros(1, 2)], LAYOUT)
+    head, tail, router = torch.tensor([[5.0, 1.0]]), torch.tensor([[2.0, 1.5]]), torch.tensor([[9.0, -9.0]])
+    for rule in ("concat", "absnorm", "softmax"):  # the router's outputs never leak into them
+        assert torch.equal(fuse(rule, [head, tail, router], ROUTER_LAYOUT), fuse(rule, [head, tail], LAYOUT))

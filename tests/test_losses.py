@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ltexp import LtexpError
 from ltexp.config import LossConfig
-from ltexp.losses import (LOSSES, build_loss, effective_number_weights, head_for, ldam_margins, log_prior)
+from ltexp.losses import (LOSSES, Distilled, build_loss, effective_number_weights, head_for, ldam_margins, log_prior)
 
 COUNTS = [90, 9, 1]
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
@@ -82,3 +82,35 @@ def test_log_prior_and_unknown_loss():
     assert log_prior([3, 1]).exp().tolist() == pytest.approx([0.75, 0.25])
     with pytest.raises(LtexpError, match="unknown --loss 'hinge': allowed are auto, " + ", ".join(LOSSES)):
         LossConfig(loss="hinge")
+
+
+def _kl_by_hand(teacher, student, t):
+    p = [math.exp(v / t) for v in teacher]
+    q = [math.exp(v / t) for v in student]
+    p = [v / sum(p) for v in p]
+    q = [v / sum(q) for v in q]
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_distilled_adds_t_squared_kl_over_the_teachers_classes():
+    base = build_loss(LossConfig(loss="ce"), COUNTS)
+    loss = Distilled(base, temperature=2.0, weight=0.5)
+    inf = float("-inf")
+    # Image 0 was taught on classes 0 and 1 (its group's expert), image 1 on class 2 alone.
+    teacher = torch.tensor([[1.0, 3.0, inf], [inf, inf, 0.7]])
+    expected_kl = (_kl_by_hand([1.0, 3.0], [2.0, 0.5], 2.0) + 0.0) / 2  # a one-class group has KL 0
+    expected = _ce_by_hand(LOGITS, LABELS) + 0.5 * 4.0 * expected_kl
+    assert loss(LOGITS, LABELS, teacher).item() == pytest.approx(expected, rel=1e-5)
+    # No teacher, or weight 0: the base loss alone; a teacher equal to the student adds nothing.
+    assert loss(LOGITS, LABELS).item() == pytest.approx(_ce_by_hand(LOGITS, LABELS), rel=1e-6)
+    assert Distilled(base, 2.0, 0.0)(LOGITS, LABELS, teacher).item() == pytest.approx(_ce_by_hand(LOGITS, LABELS))
+    same = LOGITS.masked_fill(torch.isinf(teacher), inf)
+    assert loss(LOGITS, LABELS, same).item() == pytest.approx(_ce_by_hand(LOGITS, LABELS), rel=1e-6)
+
+
+def test_distilled_wraps_the_balanced_loss_and_its_schedule():
+    base = build_loss(LossConfig(loss="ldam", drw_epoch=2), COUNTS)
+    loss = Distilled(base, 1.0, 1.0)
+    assert loss.head == "cosine"
+    loss.start_epoch(2)
+    assert base.weight is not None  # DRW switched on through the wrapper

@@ -11,7 +11,7 @@ from ltexp.data.longtail import IMB_TYPES, long_tail_counts
 from ltexp.engine import DEVICES
 from ltexp.fusion import FUSIONS as FUSION_RULES
 from ltexp.losses import LOSS_OPTIONS, LOSSES
-from ltexp.methods import METHODS, RESAMPLINGS
+from ltexp.methods import METHODS, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
 from ltexp.models import BODIES
 
 
@@ -19,11 +19,13 @@ def test_every_choice_list_comes_from_its_implementing_module():
     fields = setting_fields(RunConfig())
     assert fields["method"].metadata["choices"] == tuple(METHODS)
     assert fields["loss"].metadata["choices"] == ("auto", *LOSSES)
-    assert fields["fusion"].metadata["choices"] == FUSIONS == ("auto", *FUSION_RULES)
+    assert fields["fusion"].metadata["choices"] == FUSIONS == ("auto", *FUSION_RULES, STUDENT)
     assert fields["model"].metadata["choices"] == MODELS == ("auto", *BODIES)
     assert fields["device"].metadata["choices"] == DEVICES
     assert fields["augment"].metadata["choices"] == ("auto", *AUGMENTS)
     assert set(RESAMPLINGS) <= set(sampling.SAMPLERS)          # each re-sampling is a real sampler
+    assert fields["student_sampling"].metadata["choices"] == STUDENT_SAMPLINGS
+    assert set(STUDENT_SAMPLINGS) <= set(sampling.SAMPLERS)
     assert set(LOSS_OPTIONS) == set(LOSSES)                     # every loss says which options it reads
     for name in AUGMENTS:
         build_augment(name, 32)

@@ -118,3 +118,25 @@ def test_weights_written_on_a_gpu_load_on_cpu(tmp_path, monkeypatch):
     after = loaded.predict(IMAGES, probabilities=True)
     pd.testing.assert_frame_equal(before.drop(columns="probabilities"), after.drop(columns="probabilities"))
     assert np.allclose(np.stack(before["probabilities"]), np.stack(after["probabilities"]), atol=1e-6)
+
+
+def test_router_predictor_round_trips_through_the_pyfunc(mlflow_store, tmp_path):
+    """The mixture-of-experts design (two experts + a group router) is served exactly as evaluated."""
+    import mlflow
+
+    from ltexp import tracking
+    from ltexp.fusion import fuse
+
+    torch.manual_seed(1)
+    experts = [build_model("smallcnn", SHAPE, 5, [80.0], [60.0]).eval() for _ in range(2)]
+    router = build_model("smallcnn", SHAPE, 2, [80.0], [60.0]).eval()
+    layout = ExpertLayout(((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)), (False, False), 10, router=True)
+    predictor = FusedPredictor([*experts, router], layout, "router", tuple(f"digit{i}" for i in range(10)), SHAPE)
+    batch = torch.from_numpy(IMAGES).permute(0, 3, 1, 2)
+    in_process = fuse("router", predictor.expert_outputs(batch), layout).argmax(1).numpy()
+    expected = predictor.predict(IMAGES)
+    assert (expected["label"].to_numpy() == in_process).all()
+    with mlflow.start_run() as active:
+        model_uri = tracking.Run(active).log_model(predictor.save(tmp_path / "p"), input_example=IMAGES[:2])
+    pd.testing.assert_frame_equal(mlflow.pyfunc.load_model(model_uri).predict(IMAGES), expected)
+    assert FusedPredictor.load(tmp_path / "p").layout.router

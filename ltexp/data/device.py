@@ -19,6 +19,9 @@ class DeviceImages:
 
     images: torch.Tensor
     labels: torch.Tensor
+    # Optional per-image soft targets (N, K) a distillation loss reads (a teacher's logits, -inf
+    # outside the classes the teacher scores); None for plain training.
+    soft_targets: torch.Tensor | None = None
 
     @classmethod
     def from_numpy(cls, images_nhwc: np.ndarray, labels: np.ndarray, device: torch.device | str) -> "DeviceImages":

@@ -1,0 +1,73 @@
+"""The split's extra models: the group router's view of the data and the student's teachers."""
+
+import numpy as np
+import torch
+
+from ltexp.config import resolve_config
+from ltexp.data import build_long_tail
+from ltexp.data.device import DeviceImages
+from ltexp.data.sources import load_digits_source
+from ltexp.experiment import build_experts, expert_info, expert_view, teacher_targets
+from ltexp.losses import BalancedSoftmax, Distilled
+from ltexp.methods import ROUTER, STUDENT
+
+
+def _split(**split):
+    info = build_long_tail(load_digits_source(), "exp", 0.01, "holdout", 20, seed=0).info
+    cfg = resolve_config({"method": {"method": "split"}, "loss": {"loss": "balanced_softmax"}, "split": split})
+    method, specs, layout = build_experts(cfg, info)
+    return info, method, specs, layout
+
+
+def test_the_router_learns_groups_with_a_balanced_softmax_on_group_counts():
+    info, method, specs, layout = _split(router=True)
+    assert layout.router
+    router = method.router(specs)
+    assert router.role == ROUTER and router.num_outputs == 2 and router.route_names == ("head", "tail")
+    own = expert_info(info, router)
+    assert own.class_names == ("head", "tail")
+    assert own.train_counts.tolist() == [int(info.train_counts[list(s.classes)].sum()) for s in specs]
+    (stage,) = method.stages(own, router)
+    assert stage.name == ROUTER and stage.sampler == "instance"
+    assert type(stage.loss) is BalancedSoftmax and stage.loss.counts == own.train_counts.tolist()
+    labels = torch.arange(10)
+    view = expert_view(DeviceImages(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), labels), router, 10)
+    head = set(specs[0].classes)
+    assert view.labels.tolist() == [0 if c in head else 1 for c in range(10)]  # every image, by group
+
+
+def test_the_student_trains_on_every_class_with_the_loss_plus_distillation():
+    info, method, specs, layout = _split(distill=True, distill_temperature=3.0, distill_weight=0.25,
+                                         student_sampling="balanced")
+    assert method.router(specs) is None and not layout.router
+    student = method.student(info)
+    assert student.role == STUDENT and student.classes == tuple(range(10))
+    (stage,) = method.stages(expert_info(info, student), student)
+    assert stage.sampler == "balanced" and isinstance(stage.loss, Distilled)
+    assert (stage.loss.temperature, stage.loss.weight_kd) == (3.0, 0.25)
+    assert isinstance(stage.loss.base, BalancedSoftmax) and stage.loss.base.counts == info.train_counts.tolist()
+    assert method.fusion_rules(layout)  # fusion rules still compete with the student
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in expert: the same logits for every image."""
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = torch.tensor(row)
+
+    def forward(self, images):
+        return self.row.expand(images.shape[0], -1)
+
+
+def test_each_training_image_is_taught_by_its_own_groups_expert():
+    from ltexp.fusion import ExpertLayout
+
+    layout = ExpertLayout(((0, 2), (1, 3)), (False, True), 4)  # the tail expert has an "other" label
+    head, tail = _Constant([1.0, 2.0]), _Constant([3.0, 4.0, 9.0])
+    images = DeviceImages(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    targets = teacher_targets([head, tail], layout, images)
+    inf = float("-inf")
+    assert targets.tolist() == [[1.0, inf, 2.0, inf], [inf, 3.0, inf, 4.0], [1.0, inf, 2.0, inf],
+                                [inf, 3.0, inf, 4.0]]  # the "other" logit is never a target
+    assert np.isfinite(targets.numpy()).sum() == 8
