@@ -234,6 +234,12 @@ class Split(LWS):
     each expert also learns an "other" label, fed each epoch with a fresh random draw of
     `other_size` (mean / min / max own-class count) images of the other groups. Each expert
     uses LWS (`lws`, with `lws_mode`) like the paper, or plain training.
+
+    Two honest designs beyond the paper's fusion rules: `router` adds a model that predicts the
+    group (balanced softmax over the groups; the `router` fusion rule mixes the experts with it),
+    `distill` adds a student over every class trained with `--loss` plus the teaching of each
+    image's own group expert (`losses.Distilled`); the student competes with the fusion rules on
+    validation and, when chosen, is served alone.
     """
 
     name = "split"

@@ -151,6 +151,7 @@ def test_fusion_choices_never_retrain_experts(mlflow_store, tmp_path):
     (dict(split_min=9, split_max=9, search="num_groups"), "cannot hold 2 distinct split points"),
     (dict(search="momentum"), "unknown --search dimension 'momentum'"),
     (dict(fusions="other"), "leaves no rule"),
+    (dict(fusions="concat,router"), "--router, --distill and the router rule are for `ltexp train"),
     (dict(storage="postgresql://ltexp:secret@127.0.0.1:1/optuna"), r"cannot open Optuna storage postgresql://ltexp:\*\*\*@127.0.0.1:1/optuna"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(mlflow_store, tmp_path, tune, match):
