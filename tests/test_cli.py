@@ -229,11 +229,17 @@ def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, g
     assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
 
 
-def test_split_at_and_forced_fusion_and_register(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "2",
-                   "--lws", "false", "--no-progress"], subprocess_env, cwd=tmp_path)
+def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path):
+    proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "3",
+                   "--lws", "false"], subprocess_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fusion rules (chosen on validation: absnorm" in proc.stdout
+    # Output to a pipe (not a terminal): a progress line per epoch instead of bars.
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert any(line.startswith("[head] train 1/3  loss ") for line in lines), proc.stderr
+    assert any(line.startswith("[tail] train 3/3  loss ") and "val_acc" in line and "img/s" in line and "ETA" in line
+               for line in lines)
+    assert not [w for w in KNOWN_NOISE if w in proc.stderr]
     parent = next(r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["ltexp.fusion"] == "absnorm"
     head = next(c for c in _children(parent.info.run_id) if c.data.tags["ltexp.expert"] == "head")
@@ -282,16 +288,6 @@ def test_mlproject_is_thin_and_every_setting_passes_through():
     for section in ("data", "model", "optim", "method", "loss", "split", "tracking"):
         for field_name in setting_fields(SECTIONS[section]()):
             assert f"--{field_name}" in train_flags and "--" + field_name.replace("_", "-") in train_flags
-
-
-def test_non_terminal_output_prints_progress_lines(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "split", "--epochs", "3", "--lws", "false"], subprocess_env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
-    assert any(line.startswith("[head] train 1/3  loss ") for line in lines), proc.stderr
-    assert any(line.startswith("[tail] train 3/3  loss ") and "val_acc" in line and "img/s" in line and "ETA" in line
-               for line in lines)
-    assert not [w for w in KNOWN_NOISE if w in proc.stderr]
 
 
 def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path):
