@@ -101,8 +101,17 @@ def _config(settings: dict, data_dirs: Path) -> RunConfig:
     return resolve_config(sections, seed=settings.get("seed", 0), device="cpu", preset=settings.get("preset", "ltexp"))
 
 
+_FINGERPRINTS: dict[str, str] = {}  # repr(config) -> digest: a base config many fields share is trained once
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """A digest of the data, the stages and the trained experts (weights after any post-hoc step)."""
+    if repr(cfg) not in _FINGERPRINTS:
+        _FINGERPRINTS[repr(cfg)] = _fingerprint(cfg)
+    return _FINGERPRINTS[repr(cfg)]
+
+
+def _fingerprint(cfg: RunConfig) -> str:
     torch.set_num_threads(1)
     prep = prepare(cfg)
     digest = hashlib.sha256()
