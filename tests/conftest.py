@@ -39,7 +39,14 @@ def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_cl
         labels = np.repeat(np.arange(k), per_class)
         rng.shuffle(labels)
         base = rng.integers(0, 256, size=(k, 3, 1, 1))
-        images = np.clip(base[labels] + rng.normal(0, 20, size=(len(labels), 3, 32, 32)), 0, 255).astype(np.uint8)
+        # np.clip(base[labels] + rng.normal(0, 20, (n, 3, 32, 32)), 0, 255) as uint8, drawn and
+        # clipped a block of images at a time (the same values): a full-size CIFAR-10 set at once
+        # is 1.2 GB of float64 temporaries, most of its cost.
+        images = np.empty((len(labels), 3, 32, 32), np.uint8)
+        for start in range(0, len(labels), 2048):
+            block = rng.normal(0, 20, size=(len(labels[start:start + 2048]), 3, 32, 32))
+            block += base[labels[start:start + 2048]]
+            images[start:start + 2048] = np.clip(block, 0, 255, out=block)
         return images.reshape(len(labels), 3072), labels.tolist()
 
     def dump(path, obj):
