@@ -185,11 +185,11 @@ def _report_sweep(closed: list[dict]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ltexp.experiment import run_experiment
-
     sections = _sections(args)
     cfg = resolve_config(sections, seed=args.seed, device=args.device)
     preflight(cfg)
+    from ltexp.experiment import run_experiment  # after the checks: a bad setting fails without it
+
     result = run_experiment(cfg, progress=not args.no_progress)
     keys = ["test_acc", "test_head_acc", "test_tail_acc", "test_many_acc", "test_medium_acc", "test_few_acc",
             "test_macro_acc", "test_ece", "test_oracle_acc", "test_oracle_head_acc", "test_oracle_tail_acc",
@@ -211,8 +211,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ltexp.tune import run_study
-
     sections = _sections(args)
     tune_cfg = TuneConfig(**{k: v for k, v in sections.pop("tune").items()})
     sections["method"]["method"] = "split"
@@ -222,6 +220,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         tracking.validate_registered_name(tune_cfg.model_name, flag="--model-name")
     preflight(cfg)
+    from ltexp.tune import run_study  # after the checks, as in cmd_train
+
     result = run_study(cfg, tune_cfg)
     print(f"\nstudy {result.study_name}: {result.trials_run} trials run now; best {tune_cfg.metric} = {result.best_value:.4f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
@@ -260,11 +260,11 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from ltexp import plots
     from ltexp.data import build_dataset
 
     cfg = resolve_config(_sections(args)).data
     data = build_dataset(cfg)
+    from ltexp import plots  # matplotlib: once the data set has loaded
     table = data.counts_table()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ltexp import LtexpError, tracking
+from ltexp import LtexpError
 from ltexp.config import RUN_PRESETS, RunConfig, flatten, resolve_config
 
 # Settings that never change what a cell computes: left out of its configuration hash.
@@ -92,6 +92,8 @@ def config_hash(cfg: RunConfig) -> str:
 
 def cell_name(cfg: RunConfig) -> str:
     """`split·cifar100·exp0.01·s0`: every experiment run's default name."""
+    from ltexp import tracking  # late, as in run_grid: `ltexp --help` / `ltexp data` need no mlflow
+
     return tracking.default_run_name(cfg)
 
 

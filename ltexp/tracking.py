@@ -15,7 +15,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 # Artifact download progress bars would interleave with ltexp's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -29,9 +29,12 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import ltexp  # noqa: E402
-from ltexp.config import RunConfig, to_dict, used_settings
-from ltexp.metrics import finite
 from ltexp.stores import install_sqlite_settings
+
+# Neither torch nor the configs are imported here (they are where they are used): `mlflow run`
+# imports this module through ltexp/default_experiment.py, and should not pay for torch.
+if TYPE_CHECKING:
+    from ltexp.config import RunConfig
 
 # SQLite stores in WAL mode: ~20 ms less per logged value on a disk (see ltexp/stores.py).
 install_sqlite_settings()
@@ -107,6 +110,12 @@ def _same_value(logged: str, value: Any) -> bool:
     return logged == str(value)
 
 
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    from ltexp.metrics import finite  # late: ltexp.metrics imports torch
+
+    return finite(metrics)
+
+
 def tracking_uri() -> str:
     """The tracking store in use (MLFLOW_TRACKING_URI, or MLflow's default sqlite:///mlflow.db)."""
     return mlflow.get_tracking_uri()
@@ -126,6 +135,21 @@ def experiment_name(cfg: RunConfig) -> str:
     return cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+def default_experiment_id() -> str:
+    """The id of experiment `ltexp`, created when missing: where `mlflow run` of this project puts
+    its run when no experiment is named (ltexp/default_experiment.py), as `ltexp train` does."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if experiment is None:
+        try:
+            return client.create_experiment(DEFAULT_EXPERIMENT)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+            if experiment is None:
+                raise
+    return experiment.experiment_id
+
+
 class Run:
     """Handle on the active MLflow run, with the logging calls the experiment needs."""
 
@@ -143,6 +167,8 @@ class Run:
     def log_config(self, cfg: RunConfig) -> None:
         """The settings this run's method uses as params (`config.used_settings`: no `sampling`
         on a baseline run, no empty values), plus every resolved field in `config.json`."""
+        from ltexp.config import to_dict, used_settings
+
         self.log_params({k: v for k, v in used_settings(cfg).items() if v != ""})
         mlflow.log_dict(to_dict(cfg), "config.json")
 
@@ -171,7 +197,7 @@ class Run:
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Per-epoch metrics at step = global epoch; asynchronous so logging stays out of epoch time."""
         values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
-        mlflow.log_metrics(finite(values), step=int(record["epoch"]), synchronous=False)
+        mlflow.log_metrics(_finite(values), step=int(record["epoch"]), synchronous=False)
         self.heartbeat()
 
     def heartbeat(self) -> None:
@@ -186,7 +212,7 @@ class Run:
             client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=False)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics(finite(metrics), step=step)
+        mlflow.log_metrics(_finite(metrics), step=step)
 
     def log_batch(self, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None) -> None:
         """Metrics (step 0) and tags in one store write (`MlflowClient.log_batch`)."""
@@ -194,7 +220,7 @@ class Run:
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in finite(metrics or {}).items()],
+        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics or {}).items()],
                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
 
     def log_figure(self, figure, path: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
 import socket
+import sqlite3
 import subprocess
+import sys
 import tempfile
 from glob import glob
 from pathlib import Path
@@ -36,7 +39,14 @@ def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_cl
         labels = np.repeat(np.arange(k), per_class)
         rng.shuffle(labels)
         base = rng.integers(0, 256, size=(k, 3, 1, 1))
-        images = np.clip(base[labels] + rng.normal(0, 20, size=(len(labels), 3, 32, 32)), 0, 255).astype(np.uint8)
+        # np.clip(base[labels] + rng.normal(0, 20, (n, 3, 32, 32)), 0, 255) as uint8, drawn and
+        # clipped a block of images at a time (the same values): a full-size CIFAR-10 set at once
+        # is 1.2 GB of float64 temporaries, most of its cost.
+        images = np.empty((len(labels), 3, 32, 32), np.uint8)
+        for start in range(0, len(labels), 2048):
+            block = rng.normal(0, 20, size=(len(labels[start:start + 2048]), 3, 32, 32))
+            block += base[labels[start:start + 2048]]
+            images[start:start + 2048] = np.clip(block, 0, 255, out=block)
         return images.reshape(len(labels), 3072), labels.tolist()
 
     def dump(path, obj):
@@ -65,10 +75,34 @@ def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_cl
     return folder
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, made once per session by a real MLflow (with ltexp's SQLite
+    settings) in its own folder: `mlflow_store` copies it. MLflow makes a new store by running its
+    schema migrations, ~0.8 s of CPU in whichever process opens it first, once per test."""
+    folder = tmp_path_factory.mktemp("store-template")
+    code = ("import sys, ltexp.tracking; from mlflow.tracking import MlflowClient; "
+            "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()")
+    subprocess.run([sys.executable, "-c", code, f"sqlite:///{folder / 'mlflow.db'}"], cwd=folder, check=True,
+                   capture_output=True, timeout=300)
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file: it is copied alone
+    return folder
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking store; the test runs in tmp_path."""
+def mlflow_store(tmp_path, monkeypatch, request, store_template):
+    """A new sqlite tracking store (a copy of `store_template`); the test runs in tmp_path.
+
+    A test marked `fresh_store` gets no copy: the store is made by whatever opens it first."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if request.node.get_closest_marker("fresh_store") is None:
+        shutil.copyfile(store_template / "mlflow.db", tmp_path / "mlflow.db")
+        # The Default experiment's artifact location is absolute, under the folder the store was
+        # made in: here, as if made in tmp_path.
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as conn, conn:
+            conn.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?) "
+                         "WHERE experiment_id = 0", (str(store_template), str(tmp_path)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; an id from another test's store must
     # not leak into this one (or into the subprocesses it starts).

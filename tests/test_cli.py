@@ -88,6 +88,8 @@ def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, para
         ("posthoc", "norm"))
     assert TAGS <= set(data.tags) and data.tags["ltexp.method"] == method and data.tags["ltexp.role"] == "experiment"
     assert data.tags["mlflow.project.entryPoint"] == method  # the run `mlflow run` created was used
+    # No experiment named: `mlflow run` put it where `ltexp train` would (ltexp/default_experiment.py).
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "ltexp"
     # What was given (logged by mlflow run) and what ltexp resolved, each once, with the value used.
     assert data.params["dataset"] == "digits" and data.params["imb_factor"] == "0.01" and data.params["epochs"] == "3"
     assert data.params["lr"] == "0.05" and data.params["model"] == "smallcnn" and data.params["clip_norm"] == "0.0"
@@ -271,11 +273,17 @@ def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path):
     assert json.loads(meta.read_text())["owners"] == [list(range(10))]  # the student alone
 
 
-def test_split_at_and_forced_fusion_and_register(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "2",
-                   "--lws", "false", "--no-progress"], subprocess_env, cwd=tmp_path)
+def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path):
+    proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "3",
+                   "--lws", "false"], subprocess_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fusion rules (chosen on validation: absnorm" in proc.stdout
+    # Output to a pipe (not a terminal): a progress line per epoch instead of bars.
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert any(line.startswith("[head] train 1/3  loss ") for line in lines), proc.stderr
+    assert any(line.startswith("[tail] train 3/3  loss ") and "val_acc" in line and "img/s" in line and "ETA" in line
+               for line in lines)
+    assert not [w for w in KNOWN_NOISE if w in proc.stderr]
     parent = next(r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["ltexp.fusion"] == "absnorm"
     head = next(c for c in _children(parent.info.run_id) if c.data.tags["ltexp.expert"] == "head")
@@ -329,25 +337,27 @@ def test_mlproject_is_thin_and_every_setting_passes_through():
             assert f"--{field_name}" in train_flags and "--" + field_name.replace("_", "-") in train_flags
 
 
-def test_non_terminal_output_prints_progress_lines(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "split", "--epochs", "3", "--lws", "false"], subprocess_env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
-    assert any(line.startswith("[head] train 1/3  loss ") for line in lines), proc.stderr
-    assert any(line.startswith("[tail] train 3/3  loss ") and "val_acc" in line and "img/s" in line and "ETA" in line
-               for line in lines)
-    assert not [w for w in KNOWN_NOISE if w in proc.stderr]
-
-
 def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path):
-    env = {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}
-    for command in (["mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local", "-P", "epochs=1"],
-                    [sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "1"]):
+    """Where runs go: with no experiment named, `ltexp train` and a plain `mlflow run .` (through
+    ltexp's default-experiment provider) both land in `ltexp`; $MLFLOW_EXPERIMENT_NAME and
+    `--experiment-name` win over that default."""
+    from importlib.metadata import entry_points
+
+    providers = [ep.value for ep in entry_points(group="mlflow.default_experiment_provider")]
+    assert "ltexp.default_experiment:LtexpProjectExperiment" in providers, (
+        f"ltexp's entry points are not installed ({providers}): run `pip install -e .` again")
+    mlflow_run = ["mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local", "-P", "epochs=1"]
+    lab = {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}
+    for command, env in ((mlflow_run, lab),
+                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "1"], lab),
+                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "2", "--run-name", "mine"],
+                          subprocess_env),
+                         ([*mlflow_run, "-P", "seed=3"], subprocess_env),
+                         ([*mlflow_run, "--experiment-name", "other", "-P", "seed=4"], subprocess_env)):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _ltexp(["train", "--epochs", "1", "--seed", "2", "--run-name", "mine"], subprocess_env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     by_name = {r.info.run_name: client.get_experiment(r.info.experiment_id).name for r in _all_runs()}
     assert by_name == {"baseline·digits·exp0.01·s0": "lab-study", "baseline·digits·exp0.01·s1": "lab-study",
-                       "mine": "ltexp"}
+                       "mine": "ltexp", "baseline·digits·exp0.01·s3": "ltexp", "baseline·digits·exp0.01·s4": "other"}
+    assert {e.name for e in client.search_experiments()} == {"Default", "lab-study", "ltexp", "other"}

@@ -107,8 +107,17 @@ def _config(settings: dict, data_dirs: Path) -> RunConfig:
     return resolve_config(sections, seed=settings.get("seed", 0), device="cpu", preset=settings.get("preset", "ltexp"))
 
 
+_FINGERPRINTS: dict[str, str] = {}  # repr(config) -> digest: a base config many fields share is trained once
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """A digest of the data, the stages and the trained experts (weights after any post-hoc step)."""
+    if repr(cfg) not in _FINGERPRINTS:
+        _FINGERPRINTS[repr(cfg)] = _fingerprint(cfg)
+    return _FINGERPRINTS[repr(cfg)]
+
+
+def _fingerprint(cfg: RunConfig) -> str:
     torch.set_num_threads(1)
     prep = prepare(cfg)
     digest = hashlib.sha256()
@@ -116,6 +125,7 @@ def fingerprint(cfg: RunConfig) -> str:
         digest.update(np.ascontiguousarray(array).tobytes())
     method, specs, layout = build_experts(cfg, prep.data.info)
     digest.update(repr(method.fusion_rules(layout)).encode())
+
     def train(spec, teacher=None):
         model, result, _ = train_expert(cfg, method, spec, prep, None, False, teacher=teacher)
         stages = method.stages(expert_info(prep.data.info, spec), spec)

@@ -244,6 +244,7 @@ def test_config_hash_ignores_bookkeeping_only():
     assert other_seed.config_hash != cell.config_hash
 
 
+@pytest.mark.fresh_store  # the grid must not create the store
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "baseline,nope"], "unknown method 'nope' in --methods: allowed are baseline"),
     (["--imb-factors", "0.1,big"], "--imb-factors 'big' is not a number"),

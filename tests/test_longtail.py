@@ -1,12 +1,15 @@
 """Long-tail construction, validation carving, ranks, groups and shots."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from ltexp import LtexpError
 from ltexp.data import build_long_tail, load_source, long_tail_counts
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
-from ltexp.data.sources import load_cifar_source, load_digits_source
+from ltexp.data.sources import _digits_arrays, load_cifar_source, load_digits_source
 
 from conftest import write_cifar_archive
 
@@ -23,6 +26,21 @@ def test_ldam_totals_cifar100():
 def test_step_counts():
     assert long_tail_counts(5000, 10, "step", 0.1) == [5000] * 5 + [500] * 5
     assert long_tail_counts(500, 100, "step", 0.01) == [500] * 50 + [5] * 50
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    pixels, target = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.images) and pixels.dtype == bunch.images.dtype
+    assert np.array_equal(target, bunch.target) and target.dtype == bunch.target.dtype
+    assert pixels.shape == (1797, 8, 8) and np.bincount(target).min() >= 174
+    # Found without importing scikit-learn (~1 s of CPU in every digits process).
+    code = ("import sys; from ltexp.data.sources import load_digits_source; load_digits_source(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_full_size_cifar10_archive_paper_protocol_keeps_exact_counts(tmp_path):

@@ -31,6 +31,7 @@ def test_switch_off_keeps_sqlite_defaults(tmp_path, monkeypatch, value):
     assert _modes(tmp_path / "b.db") == ("delete", 2)  # SQLite's defaults: rollback journal, FULL
 
 
+@pytest.mark.fresh_store  # made here, by MLflow under ltexp's settings
 def test_mlflow_store_is_wal(mlflow_store, tmp_path):
     import mlflow
 

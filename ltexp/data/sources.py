@@ -45,17 +45,40 @@ DIGITS_TEST_PER_CLASS = 50
 DIGITS_POOL_PER_CLASS = 120
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (1797, 8, 8) pixel values 0..16 and (1797,) labels, as `load_digits`
+    gives them.
+
+    Read straight from the CSV that scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`,
+    the file `load_digits` parses), found without importing scikit-learn: importing it costs ~1 s
+    of CPU per process, more than training digits for a few epochs. `load_digits` itself is the
+    fallback should the file ever move."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                data = np.loadtxt(fh, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
+
+
 def load_digits_source(seed: int = 0) -> ImageSource:
     """scikit-learn's digits as 8x8x1 uint8 images: 50 test and 120 pool images per class.
 
     Pixel values 0..16 are scaled to 0..255. The carve uses its own fixed seed (`seed`, default
     0), independent of the experiment seed, so the test set is the same for every run.
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = bunch.target.astype(np.int64)
+    pixels, target = _digits_arrays()
+    images = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = target.astype(np.int64)
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for c in range(10):
