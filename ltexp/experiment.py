@@ -70,10 +70,8 @@ def expert_view(images: DeviceImages, spec: ExpertSpec, num_classes: int) -> Dev
     """
     device = images.labels.device
     if spec.role == ROUTER:  # every image, labelled by its group
-        group = torch.empty(num_classes, dtype=torch.long, device=device)
-        for g, classes in enumerate(spec.routes):
-            group[list(classes)] = g
-        return DeviceImages(images.images, group[images.labels])
+        groups = ExpertLayout(spec.routes, (False,) * len(spec.routes), num_classes).group_of().to(device)
+        return DeviceImages(images.images, groups[images.labels])
     local = torch.full((num_classes,), len(spec.classes), dtype=torch.long, device=device)
     local[list(spec.classes)] = torch.arange(len(spec.classes), device=device)
     labels = local[images.labels]
@@ -280,12 +278,17 @@ def fusion_table(layout: ExpertLayout, val: tuple, info: ClassInfo, rules: list[
         params = fit_rule(rule, val[0], layout, val[1])
         row = {"fusion": rule, "params": params}
         for split, (outputs, labels) in (("val", val), ("test", test)) if test is not None else (("val", val),):
-            log_probs = fuse(rule, outputs, layout, params)
-            metrics = classification_metrics(log_probs, labels, info)
-            metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, layout)
-            row.update({f"{split}_{k}": v for k, v in metrics.items()})
+            row.update(_scores(split, fuse(rule, outputs, layout, params), labels, info, layout))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _scores(split: str, log_probs: torch.Tensor, labels: torch.Tensor, info: ClassInfo,
+            layout: ExpertLayout) -> dict[str, float]:
+    """One candidate's metrics on one split, keys prefixed by the split, routing accuracy included."""
+    metrics = classification_metrics(log_probs, labels, info)
+    metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, layout)
+    return {f"{split}_{k}": v for k, v in metrics.items()}
 
 
 def student_row(layout: ExpertLayout, val: tuple, test: tuple, info: ClassInfo) -> pd.DataFrame:
@@ -293,10 +296,7 @@ def student_row(layout: ExpertLayout, val: tuple, test: tuple, info: ClassInfo) 
     logits scored like a rule's fused output, with the routing accuracy of its predictions."""
     row = {"fusion": STUDENT, "params": {}}
     for split, (logits, labels) in (("val", val), ("test", test)):
-        log_probs = torch.log_softmax(logits.float(), dim=1)
-        metrics = classification_metrics(log_probs, labels, info)
-        metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), labels, layout)
-        row.update({f"{split}_{k}": v for k, v in metrics.items()})
+        row.update(_scores(split, torch.log_softmax(logits.float(), dim=1), labels, info, layout))
     return pd.DataFrame([row])
 
 
@@ -360,10 +360,12 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     checkpoints: list[lifecycle.Checkpointer | None] = []
 
     def train_one(spec: ExpertSpec, teacher: torch.Tensor | None = None) -> torch.nn.Module:
+        # Routers and students are not cached: they depend on the groups / on every teacher.
+        reusable = cache if spec.role == EXPERT else None
         if in_parent or not expert_runs:
             checkpoints.append(checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None)
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
-                                            progress, cache if spec.role == EXPERT else None, checkpoints[-1], teacher)
+                                            progress, reusable, checkpoints[-1], teacher)
         else:
             tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
             owned = spec.route_names if spec.role == ROUTER else [data.info.class_names[c] for c in spec.classes]
@@ -371,9 +373,8 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
                 child.log_params({"expert": spec.name, "classes": ",".join(owned), "other": spec.other,
                                   **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
                 checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"{spec.role} {spec.name}"))
-                # Routers and students are not cached: they depend on the groups / on every teacher.
-                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress,
-                                                cache if spec.role == EXPERT else None, checkpoints[-1], teacher)
+                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, reusable,
+                                                checkpoints[-1], teacher)
                 child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
                                    "best_epoch": result.best_epoch, **result.posthoc})
                 child_ids.append(child.run_id)

@@ -118,22 +118,28 @@ def _with_params(form: Callable, rule: str):
     return apply
 
 
+def _group_scores(outputs, layout: ExpertLayout) -> torch.Tensor:
+    """(N, G) log p(g|x) + log |G_g|: the router's group log-probabilities under the
+    class-balanced test prior (up to a constant)."""
+    shares = torch.tensor([math.log(len(c)) for c in layout.owners])
+    route = outputs[len(layout.owners)].float()
+    return F.log_softmax(route, dim=1) + shares.to(route.device)
+
+
 def fuse_router(outputs, layout: ExpertLayout, params: dict | None = None) -> torch.Tensor:
     """log p(g|x) + log |G_g| + log p_owner(c|x) (see the module docstring)."""
     if not layout.router:
         raise LtexpError("fusion 'router' needs a router model (--router true)")
-    route = F.log_softmax(outputs[len(layout.owners)].float(), dim=1)
-    parts = [F.log_softmax(z, dim=1) + (route[:, e] + math.log(len(classes)))[:, None]
-             for e, (z, classes) in enumerate(zip(_own(outputs, layout), layout.owners))]
+    groups = _group_scores(outputs, layout)
+    parts = [F.log_softmax(z, dim=1) + groups[:, e, None] for e, z in enumerate(_own(outputs, layout))]
     return _scatter(parts, layout)
 
 
 def route_accuracy(outputs, layout: ExpertLayout, labels: torch.Tensor) -> float:
     """The router's own accuracy: how often its most likely group (class-share prior included,
     as `router` fuses it) is the image's true group."""
-    shares = torch.log(torch.tensor([float(len(c)) for c in layout.owners]))
-    route = F.log_softmax(outputs[len(layout.owners)].float().cpu(), dim=1) + shares
-    return float((route.argmax(1) == layout.group_of()[labels.cpu()]).float().mean())
+    predicted = _group_scores(outputs, layout).argmax(1).cpu()
+    return float((predicted == layout.group_of()[labels.cpu()]).float().mean())
 
 
 fuse_calibrated = _with_params(_scaled_concat, "calibrated")
