@@ -6,6 +6,7 @@ import sys
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, write_cifar_archive
@@ -43,6 +44,25 @@ def _artifacts(run_id, path=None):
 def _ltexp(args, env, cwd=None):
     return subprocess.run([sys.executable, "-m", "ltexp", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def _ltexp_here(args, capsys):
+    """`ltexp args` run by this process (`ltexp.cli.main` in the test's store and folder), returned
+    as a finished process: for checks of what a command prints, logs or refuses, where a fresh
+    interpreter would add only its start-up (3-7 s of CPU: torch, MLflow). Real processes stay
+    where they are the point: `mlflow run`, stderr free of library noise, argparse errors."""
+    from ltexp.cli import main
+
+    threads = torch.get_num_threads()  # main() sets torch's thread count for the command
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # ltexp's one-line errors exit this way
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["ltexp", *args], code, out.out, out.err)
 
 
 def _assert_one_line_error(proc, *fragments):
@@ -110,9 +130,9 @@ def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, para
     assert (predicted == digits.test_labels).mean() == pytest.approx(data.metrics["test_acc"], abs=1e-6)  # metrics are stored as float32
 
 
-def test_ltexp_train_and_result_table(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "lws", "--lws-mode", "joint", "--epochs", "2", "--clip-norm", "5",
-                   "--experiment", "cli-test", "--no-progress"], subprocess_env, cwd=tmp_path)
+def test_ltexp_train_and_result_table(mlflow_store, capsys):
+    proc = _ltexp_here(["train", "--method", "lws", "--lws-mode", "joint", "--epochs", "2", "--clip-norm", "5",
+                        "--experiment", "cli-test", "--no-progress"], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test_acc" in proc.stdout and "test_tail_acc" in proc.stdout and "MLflow run" in proc.stdout
     (run,) = _all_runs()
@@ -123,11 +143,11 @@ def test_ltexp_train_and_result_table(subprocess_env, tmp_path):
     assert printed == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
 
 
-def test_ltexp_data_profile_json_and_chart(subprocess_env, tmp_path):
+def test_ltexp_data_profile_json_and_chart(mlflow_store, tmp_path, capsys):
     write_cifar_archive(tmp_path / "cifar", "cifar10", 200, 10)
-    proc = _ltexp(["data", "--dataset", "cifar10", "--imb-type", "exp", "--imb-factor", "0.01", "--data-dir",
-                   str(tmp_path / "cifar"), "--val-source", "paper", "--json", "--output-dir", str(tmp_path / "out")],
-                  subprocess_env)
+    proc = _ltexp_here(["data", "--dataset", "cifar10", "--imb-type", "exp", "--imb-factor", "0.01", "--data-dir",
+                        str(tmp_path / "cifar"), "--val-source", "paper", "--json", "--output-dir",
+                        str(tmp_path / "out")], capsys)
     assert proc.returncode == 0, proc.stderr
     profile = json.loads(proc.stdout)
     assert [row["train"] for row in profile["classes"]] == [200, 119, 71, 43, 25, 15, 9, 5, 3, 2]
@@ -135,7 +155,7 @@ def test_ltexp_data_profile_json_and_chart(subprocess_env, tmp_path):
     assert profile["groups"]["head"] == ["airplane", "automobile", "bird", "cat", "deer"]
     assert profile["shots"]["many"] == ["airplane", "automobile"] and len(profile["shots"]["few"]) == 5
     assert (tmp_path / "out" / "class_counts.png").stat().st_size > 1000
-    table = _ltexp(["data", "--dataset", "digits", "--imb-type", "step", "--imb-factor", "0.1"], subprocess_env, cwd=tmp_path)
+    table = _ltexp_here(["data", "--dataset", "digits", "--imb-type", "step", "--imb-factor", "0.1"], capsys)
     assert table.returncode == 0 and "imbalance ratio 10.0" in table.stdout and "head: 5 classes" in table.stdout
 
 
@@ -173,10 +193,10 @@ def test_unknown_method_is_one_line(subprocess_env):
      "cifar10 not found in"),
     (lambda tmp: ["--lr", "1e30", "--epochs", "2"], "training loss is nan"),
 ])
-def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(subprocess_env, tmp_path, make_args, fragment):
+def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(mlflow_store, tmp_path, capsys, make_args, fragment):
     for split in ("train", "test"):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True, exist_ok=True)
-    proc = _ltexp(["train", "--no-progress", *make_args(tmp_path)], subprocess_env, cwd=tmp_path)
+    proc = _ltexp_here(["train", "--no-progress", *make_args(tmp_path)], capsys)
     _assert_one_line_error(proc, fragment)
     run = _failed_run_with(fragment)
     assert "config.json" in _artifacts(run.info.run_id)  # logged before the failure, still there
@@ -229,7 +249,7 @@ def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, g
     assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
 
 
-def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path):
+def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path, capsys):
     proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "3",
                    "--lws", "false"], subprocess_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -244,14 +264,14 @@ def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_
     assert parent.data.tags["ltexp.fusion"] == "absnorm"
     head = next(c for c in _children(parent.info.run_id) if c.data.tags["ltexp.expert"] == "head")
     assert head.data.params["classes"] == "0,1,2"  # ranks 0..2 of digits' exp profile
-    reg = _ltexp(["register", "--run-id", parent.info.run_id, "--name", "ltexp-digits", "--alias", "candidate"],
-                 subprocess_env, cwd=tmp_path)
+    reg = _ltexp_here(["register", "--run-id", parent.info.run_id, "--name", "ltexp-digits", "--alias", "candidate"],
+                      capsys)
     assert reg.returncode == 0, reg.stderr
     assert "registered ltexp-digits version 1 as @candidate" in reg.stdout
     version = MlflowClient().get_model_version_by_alias("ltexp-digits", "candidate")
     assert int(version.version) == 1 and version.tags["ltexp.method"] == "split"
     assert float(version.tags["ltexp.test_acc"]) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-5)
-    bad = _ltexp(["register", "--run-id", "0" * 32, "--name", "x"], subprocess_env, cwd=tmp_path)
+    bad = _ltexp_here(["register", "--run-id", "0" * 32, "--name", "x"], capsys)
     _assert_one_line_error(bad, "is not a run in")
 
 
@@ -261,8 +281,8 @@ def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_
     (["--split-at", "3,6"], "gives 3 groups but --num-groups is 2"),
     (["--fusion", "other"], "--fusion other needs --expert-mode other"),
 ])
-def test_bad_split_settings_are_one_line(subprocess_env, tmp_path, args, fragment):
-    proc = _ltexp(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], subprocess_env, cwd=tmp_path)
+def test_bad_split_settings_are_one_line(mlflow_store, capsys, args, fragment):
+    proc = _ltexp_here(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], capsys)
     _assert_one_line_error(proc, fragment)
 
 
