@@ -310,7 +310,7 @@ def test_mlproject_is_thin_and_every_setting_passes_through():
             assert f"--{field_name}" in train_flags and "--" + field_name.replace("_", "-") in train_flags
 
 
-def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path):
+def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path, monkeypatch, capsys):
     """Where runs go: with no experiment named, `ltexp train` and a plain `mlflow run .` (through
     ltexp's default-experiment provider) both land in `ltexp`; $MLFLOW_EXPERIMENT_NAME and
     `--experiment-name` win over that default."""
@@ -320,15 +320,17 @@ def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subproces
     assert "ltexp.default_experiment:LtexpProjectExperiment" in providers, (
         f"ltexp's entry points are not installed ({providers}): run `pip install -e .` again")
     mlflow_run = ["mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local", "-P", "epochs=1"]
-    lab = {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}
-    for command, env in ((mlflow_run, lab),
-                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "1"], lab),
-                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "2", "--run-name", "mine"],
-                          subprocess_env),
+    for command, env in ((mlflow_run, {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}),
                          ([*mlflow_run, "-P", "seed=3"], subprocess_env),
                          ([*mlflow_run, "--experiment-name", "other", "-P", "seed=4"], subprocess_env)):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "lab-study")
+    proc = _ltexp_here(["train", "--epochs", "1", "--seed", "1"], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    proc = _ltexp_here(["train", "--epochs", "1", "--seed", "2", "--run-name", "mine"], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     by_name = {r.info.run_name: client.get_experiment(r.info.experiment_id).name for r in _all_runs()}
     assert by_name == {"baseline·digits·exp0.01·s0": "lab-study", "baseline·digits·exp0.01·s1": "lab-study",
