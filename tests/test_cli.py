@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, write_cifar_archive
@@ -44,6 +45,25 @@ def _artifacts(run_id, path=None):
 def _ltexp(args, env, cwd=None):
     return subprocess.run([sys.executable, "-m", "ltexp", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def _ltexp_here(args, capsys):
+    """`ltexp args` run by this process (`ltexp.cli.main` in the test's store and folder), returned
+    as a finished process: for checks of what a command prints, logs or refuses, where a fresh
+    interpreter would add only its start-up (3-7 s of CPU: torch, MLflow). Real processes stay
+    where they are the point: `mlflow run`, stderr free of library noise, argparse errors."""
+    from ltexp.cli import main
+
+    threads = torch.get_num_threads()  # main() sets torch's thread count for the command
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # ltexp's one-line errors exit this way
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["ltexp", *args], code, out.out, out.err)
 
 
 def _assert_one_line_error(proc, *fragments):
@@ -111,9 +131,9 @@ def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, para
     assert (predicted == digits.test_labels).mean() == pytest.approx(data.metrics["test_acc"], abs=1e-6)  # metrics are stored as float32
 
 
-def test_ltexp_train_and_result_table(subprocess_env, tmp_path):
-    proc = _ltexp(["train", "--method", "lws", "--lws-mode", "joint", "--epochs", "2", "--clip-norm", "5",
-                   "--experiment", "cli-test", "--no-progress"], subprocess_env, cwd=tmp_path)
+def test_ltexp_train_and_result_table(mlflow_store, capsys):
+    proc = _ltexp_here(["train", "--method", "lws", "--lws-mode", "joint", "--epochs", "2", "--clip-norm", "5",
+                        "--experiment", "cli-test", "--no-progress"], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test_acc" in proc.stdout and "test_tail_acc" in proc.stdout and "MLflow run" in proc.stdout
     (run,) = _all_runs()
@@ -124,11 +144,11 @@ def test_ltexp_train_and_result_table(subprocess_env, tmp_path):
     assert printed == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
 
 
-def test_ltexp_data_profile_json_and_chart(subprocess_env, tmp_path):
+def test_ltexp_data_profile_json_and_chart(mlflow_store, tmp_path, capsys):
     write_cifar_archive(tmp_path / "cifar", "cifar10", 200, 10)
-    proc = _ltexp(["data", "--dataset", "cifar10", "--imb-type", "exp", "--imb-factor", "0.01", "--data-dir",
-                   str(tmp_path / "cifar"), "--val-source", "paper", "--json", "--output-dir", str(tmp_path / "out")],
-                  subprocess_env)
+    proc = _ltexp_here(["data", "--dataset", "cifar10", "--imb-type", "exp", "--imb-factor", "0.01", "--data-dir",
+                        str(tmp_path / "cifar"), "--val-source", "paper", "--json", "--output-dir",
+                        str(tmp_path / "out")], capsys)
     assert proc.returncode == 0, proc.stderr
     profile = json.loads(proc.stdout)
     assert [row["train"] for row in profile["classes"]] == [200, 119, 71, 43, 25, 15, 9, 5, 3, 2]
@@ -136,7 +156,7 @@ def test_ltexp_data_profile_json_and_chart(subprocess_env, tmp_path):
     assert profile["groups"]["head"] == ["airplane", "automobile", "bird", "cat", "deer"]
     assert profile["shots"]["many"] == ["airplane", "automobile"] and len(profile["shots"]["few"]) == 5
     assert (tmp_path / "out" / "class_counts.png").stat().st_size > 1000
-    table = _ltexp(["data", "--dataset", "digits", "--imb-type", "step", "--imb-factor", "0.1"], subprocess_env, cwd=tmp_path)
+    table = _ltexp_here(["data", "--dataset", "digits", "--imb-type", "step", "--imb-factor", "0.1"], capsys)
     assert table.returncode == 0 and "imbalance ratio 10.0" in table.stdout and "head: 5 classes" in table.stdout
 
 
@@ -174,10 +194,10 @@ def test_unknown_method_is_one_line(subprocess_env):
      "cifar10 not found in"),
     (lambda tmp: ["--lr", "1e30", "--epochs", "2"], "training loss is nan"),
 ])
-def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(subprocess_env, tmp_path, make_args, fragment):
+def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(mlflow_store, tmp_path, capsys, make_args, fragment):
     for split in ("train", "test"):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True, exist_ok=True)
-    proc = _ltexp(["train", "--no-progress", *make_args(tmp_path)], subprocess_env, cwd=tmp_path)
+    proc = _ltexp_here(["train", "--no-progress", *make_args(tmp_path)], capsys)
     _assert_one_line_error(proc, fragment)
     run = _failed_run_with(fragment)
     assert "config.json" in _artifacts(run.info.run_id)  # logged before the failure, still there
@@ -230,7 +250,7 @@ def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, g
     assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
 
 
-def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path):
+def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path, capsys):
     """The honest-split designs end to end: a router and a distilled student train as child runs,
     compete with the fusion rules on validation, and the logged model reproduces the headline."""
     proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local", "-P", "epochs=3",
@@ -260,8 +280,8 @@ def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path):
     assert (predicted == digits.test_labels).mean() == pytest.approx(m["test_acc"], abs=1e-6)
 
     # --fusion student serves the student alone: one model over every class, no routing.
-    proc = _ltexp(["train", "--method", "split", "--epochs", "2", "--lws", "false", "--distill", "true",
-                   "--fusion", "student", "--no-progress"], subprocess_env, cwd=tmp_path)
+    proc = _ltexp_here(["train", "--method", "split", "--epochs", "2", "--lws", "false", "--distill", "true",
+                        "--fusion", "student", "--no-progress"], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     forced = max((r for r in _all_runs() if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
     assert forced.data.tags["ltexp.fusion"] == "student"
@@ -273,7 +293,7 @@ def test_mlflow_run_split_with_router_and_student(subprocess_env, tmp_path):
     assert json.loads(meta.read_text())["owners"] == [list(range(10))]  # the student alone
 
 
-def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path):
+def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_path, capsys):
     proc = _ltexp(["train", "--method", "split", "--split-at", "3", "--fusion", "absnorm", "--epochs", "3",
                    "--lws", "false"], subprocess_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -288,14 +308,14 @@ def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_
     assert parent.data.tags["ltexp.fusion"] == "absnorm"
     head = next(c for c in _children(parent.info.run_id) if c.data.tags["ltexp.expert"] == "head")
     assert head.data.params["classes"] == "0,1,2"  # ranks 0..2 of digits' exp profile
-    reg = _ltexp(["register", "--run-id", parent.info.run_id, "--name", "ltexp-digits", "--alias", "candidate"],
-                 subprocess_env, cwd=tmp_path)
+    reg = _ltexp_here(["register", "--run-id", parent.info.run_id, "--name", "ltexp-digits", "--alias", "candidate"],
+                      capsys)
     assert reg.returncode == 0, reg.stderr
     assert "registered ltexp-digits version 1 as @candidate" in reg.stdout
     version = MlflowClient().get_model_version_by_alias("ltexp-digits", "candidate")
     assert int(version.version) == 1 and version.tags["ltexp.method"] == "split"
     assert float(version.tags["ltexp.test_acc"]) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-5)
-    bad = _ltexp(["register", "--run-id", "0" * 32, "--name", "x"], subprocess_env, cwd=tmp_path)
+    bad = _ltexp_here(["register", "--run-id", "0" * 32, "--name", "x"], capsys)
     _assert_one_line_error(bad, "is not a run in")
 
 
@@ -308,8 +328,8 @@ def test_split_at_forced_fusion_register_and_progress_lines(subprocess_env, tmp_
     (["--fusion", "student"], "--fusion student needs --distill true"),
     (["--distill-temperature", "0"], "--distill-temperature 0.0 must be > 0"),
 ])
-def test_bad_split_settings_are_one_line(subprocess_env, tmp_path, args, fragment):
-    proc = _ltexp(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], subprocess_env, cwd=tmp_path)
+def test_bad_split_settings_are_one_line(mlflow_store, capsys, args, fragment):
+    proc = _ltexp_here(["train", "--method", "split", "--epochs", "1", "--no-progress", *args], capsys)
     _assert_one_line_error(proc, fragment)
 
 
@@ -337,7 +357,7 @@ def test_mlproject_is_thin_and_every_setting_passes_through():
             assert f"--{field_name}" in train_flags and "--" + field_name.replace("_", "-") in train_flags
 
 
-def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path):
+def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path, monkeypatch, capsys):
     """Where runs go: with no experiment named, `ltexp train` and a plain `mlflow run .` (through
     ltexp's default-experiment provider) both land in `ltexp`; $MLFLOW_EXPERIMENT_NAME and
     `--experiment-name` win over that default."""
@@ -347,15 +367,17 @@ def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subproces
     assert "ltexp.default_experiment:LtexpProjectExperiment" in providers, (
         f"ltexp's entry points are not installed ({providers}): run `pip install -e .` again")
     mlflow_run = ["mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local", "-P", "epochs=1"]
-    lab = {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}
-    for command, env in ((mlflow_run, lab),
-                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "1"], lab),
-                         ([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--seed", "2", "--run-name", "mine"],
-                          subprocess_env),
+    for command, env in ((mlflow_run, {**subprocess_env, "MLFLOW_EXPERIMENT_NAME": "lab-study"}),
                          ([*mlflow_run, "-P", "seed=3"], subprocess_env),
                          ([*mlflow_run, "--experiment-name", "other", "-P", "seed=4"], subprocess_env)):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "lab-study")
+    proc = _ltexp_here(["train", "--epochs", "1", "--seed", "1"], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    proc = _ltexp_here(["train", "--epochs", "1", "--seed", "2", "--run-name", "mine"], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     by_name = {r.info.run_name: client.get_experiment(r.info.experiment_id).name for r in _all_runs()}
     assert by_name == {"baseline·digits·exp0.01·s0": "lab-study", "baseline·digits·exp0.01·s1": "lab-study",
