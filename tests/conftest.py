@@ -20,10 +20,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # The CIFAR archives below are generated, not the published files: let ltexp read them (still with
-# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache.
+# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache: one
+# per pytest process (xdist workers inherit the controller's environment, so a worker makes its own).
 os.environ["LTEXP_UNVERIFIED_CIFAR"] = "1"
-if "LTEXP_CACHE" not in os.environ:
-    os.environ["LTEXP_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+if "LTEXP_CACHE" not in os.environ or (os.environ.get("PYTEST_XDIST_WORKER")
+                                       and os.environ.get("LTEXP_TEST_CACHE") == os.environ["LTEXP_CACHE"]):
+    os.environ["LTEXP_CACHE"] = os.environ["LTEXP_TEST_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+
+
+def _split_threads_between_workers() -> None:
+    """Under pytest-xdist (`-n N`), give each worker and the processes it starts an equal share of
+    the CPUs (OMP_NUM_THREADS, which ltexp's thread rule and torch both read), unless the caller set
+    a count: N workers each running torch on every core oversubscribe the machine (measured for
+    issue 11: one batch 1.50 s with 2 threads vs 0.17 s with 1 while another job runs)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ or "LTEXP_THREADS" in os.environ:
+        return
+    from ltexp.threads import available_cpus
+
+    share = max(1, available_cpus() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    import torch
+
+    torch.set_num_threads(share)
+
+
+_split_threads_between_workers()
 
 
 def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
