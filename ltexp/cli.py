@@ -20,8 +20,10 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "met
             "loss": LossConfig, "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
 TRAIN_SECTIONS = ("data", "model", "optim", "method", "loss", "split", "tracking")
 # What `ltexp tune` does not offer: it always trains split experts and searches these itself
-# (clip_norm, split_at, fusion), registers under --model-name, and never re-samples or runs cRT.
-NOT_TUNED = {"method", "sampling", "crt_epochs", "crt_lr", "clip_norm", "split_at", "fusion", "register_as", "alias"}
+# (clip_norm, split_at, fusion), registers under --model-name, never re-samples or runs cRT, and
+# its trials train experts only (no router, no distilled student: `ltexp train --method split`).
+NOT_TUNED = {"method", "sampling", "crt_epochs", "crt_lr", "clip_norm", "split_at", "fusion", "register_as", "alias",
+             "router", "distill", "distill_temperature", "distill_weight", "student_sampling"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress output (default: bars on a terminal, a line per epoch or 5 s elsewhere)")
+    tune.add_argument("--no-progress", action="store_true",
+                      help="no progress output (default: trials done with an ETA, a bar on a terminal, else a "
+                           "line per trial)")
     for sub in (train, tune):
         sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
                          help="start afresh, ignoring any checkpoint (same as --resume false)")
@@ -222,7 +227,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     preflight(cfg)
     from ltexp.tune import run_study  # after the checks, as in cmd_train
 
-    result = run_study(cfg, tune_cfg)
+    result = run_study(cfg, tune_cfg, progress=not args.no_progress)
     print(f"\nstudy {result.study_name}: {result.trials_run} trials run now; best {tune_cfg.metric} = {result.best_value:.4f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
     for key in ("test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc", "test_routing_acc"):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ltexp import LtexpError
 from ltexp.config import RUN_PRESETS, RunConfig, flatten, resolve_config
+from ltexp.progress import CountProgress
 
 # Settings that never change what a cell computes: left out of its configuration hash.
 NOT_HASHED = {"experiment", "run_name", "register_as", "alias", "device"}
@@ -165,39 +165,6 @@ class GridResult:
     wall_s: float
 
 
-class Progress:
-    """Cells done / total with an ETA: a tqdm bar on a terminal, one line per cell otherwise."""
-
-    def __init__(self, total: int, done: int, enabled: bool = True):
-        self.total, self.start_done, self.started = total, done, time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="cell", desc="grid", dynamic_ncols=True)
-        self.enabled = enabled
-
-    def eta(self, done: int) -> str:
-        finished_now = done - self.start_done
-        if finished_now <= 0 or done >= self.total:
-            return "?" if done < self.total else "0s"
-        seconds = (time.perf_counter() - self.started) / finished_now * (self.total - done)
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-    def update(self, done: int, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix_str(message[:60])
-        else:
-            print(f"grid {done}/{self.total} cells done, ETA {self.eta(done)}: {message}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _cell_value(metrics: dict[str, float]) -> float:
     """The number stored as the cell's Optuna trial value: its validation accuracy (bookkeeping only)."""
     value = metrics.get("val_acc", metrics.get("best_val_acc", float("nan")))
@@ -232,7 +199,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
                            **{f"fixed.{k}": v for section in fixed.values() for k, v in section.items()}})
         experiment_id = parent.run.info.experiment_id
         queue.requeue_unfinished()
-        bar = Progress(len(cells), queue.counts()["done"], progress)
+        bar = CountProgress("grid", "cell", len(cells), queue.counts()["done"], progress)
         poll = poll_s if poll_s is not None else min(5.0, grid.heartbeat_s)
         try:
             while True:

@@ -1,9 +1,13 @@
-"""Training progress for people: tqdm bars on a terminal, concise lines elsewhere.
+"""Progress for people: tqdm bars on a terminal, concise lines elsewhere.
 
 `mlflow run`, CI logs and `nohup` redirect output, where a bar is noise; there a line is printed
 per epoch at most every `LINE_EVERY_S` seconds (and always for a stage's first and last epoch):
 
     [head] train 12/100  loss 0.532  val_acc 0.871  1,234 img/s  ETA 0:42
+
+and a study or grid prints a line per trial or cell finished (`CountProgress`):
+
+    tune 3/20 trials done, ETA 1:05: trial 2 COMPLETE val_acc 0.8450 (best 0.8600, trial 1)
 """
 
 from __future__ import annotations
@@ -62,3 +66,45 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class CountProgress:
+    """Items done / total with an ETA (grid cells, study trials): a tqdm bar on a terminal, one
+    line per item otherwise. `done` counts items finished before this process started (a resumed
+    grid or study); the ETA uses only the rate of the items this process has seen finish."""
+
+    def __init__(self, name: str, unit: str, total: int, done: int = 0, enabled: bool = True,
+                 stream: TextIO | None = None, tty: bool | None = None):
+        self.name, self.unit, self.total = name, unit, total
+        self.start_done, self.started, self.enabled = done, time.perf_counter(), enabled
+        self.stream = stream or sys.stderr
+        self.bar = None
+        if enabled and (self.stream.isatty() if tty is None else tty):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, desc=name, dynamic_ncols=True, file=self.stream)
+
+    def eta(self, done: int) -> str:
+        """Time left at the rate seen so far; `?` before the first item of this process."""
+        finished_now = done - self.start_done
+        if done >= self.total:
+            return _clock(0)
+        if finished_now <= 0:
+            return "?"
+        return _clock((time.perf_counter() - self.started) / finished_now * (self.total - done))
+
+    def update(self, done: int, message: str) -> None:
+        """`done` items are finished now (all workers' together); `message` says what just ended."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(message[:60])
+        else:
+            print(f"{self.name} {done}/{self.total} {self.unit}s done, ETA {self.eta(done)}: {message}",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

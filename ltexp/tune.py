@@ -31,6 +31,7 @@ from ltexp.config import RunConfig, TuneConfig
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
 from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
+from ltexp.progress import CountProgress
 
 OBJECTIVE_KEYS = ("acc", "head_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "macro_acc", "routing_acc",
                   "ece", "nll")
@@ -362,9 +363,23 @@ def _parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 30
     return None if value.startswith("claim:") else value
 
 
-def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
+def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, metric: str) -> str:
+    """What one finished trial did, for the progress line: state, value, and the best so far."""
+    state = trial.state.name
+    if state == "COMPLETE":
+        best = study.best_trial
+        return f"trial {trial.number} COMPLETE {metric} {trial.value:.4f} (best {best.value:.4f}, trial {best.number})"
+    if state == "PRUNED":
+        return f"trial {trial.number} PRUNED at epoch {trial.last_step}"
+    return f"trial {trial.number} {state} (Optuna's warning above gives the reason; so does its MLflow run)"
+
+
+def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneResult:
     """Create or resume the study, run the missing trials, evaluate the best once on test,
-    log and register its model, and promote it to `champion` only if it beats the champion."""
+    log and register its model, and promote it to `champion` only if it beats the champion.
+
+    `progress`: trials done / n_trials with an ETA after each trial (a bar on a terminal, a line
+    elsewhere), in place of Optuna's own per-trial log lines."""
     if base.method.method != "split":
         base = replace(base, method=replace(base.method, method="split"))
     terms = parse_objective(tune.metric)
@@ -422,10 +437,22 @@ def run_study(base: RunConfig, tune: TuneConfig) -> TuneResult:
                         - counts.get("RUNNING", 0))
         started = time.perf_counter()
         if remaining:
-            study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
-                           callbacks=[optuna.study.MaxTrialsCallback(
-                               tune.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                                                      optuna.trial.TrialState.RUNNING))])
+            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            bar = CountProgress("tune", "trial", tune.n_trials, tune.n_trials - remaining, progress)
+
+            def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                done = sum(1 for t in study.get_trials(deepcopy=False, states=finished))
+                bar.update(min(done, tune.n_trials), _trial_line(study, trial, tune.metric))
+
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it, with the ETA
+            try:
+                study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
+                               callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=(*finished,
+                                          optuna.trial.TrialState.RUNNING)), report])
+            finally:
+                optuna.logging.set_verbosity(verbosity)
+                bar.close()
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
@@ -492,18 +519,25 @@ def log_plots(run: tracking.Run, study: optuna.Study) -> None:
 
     from ltexp import plots
 
-    # Parameters that took one value in every complete trial (e.g. `clip` when every trial clipped)
-    # carry no information and make Optuna warn: the per-parameter plots leave them out.
+    # A parameter with one value over the complete trials that have it carries no information and
+    # makes Optuna warn ("unique value length is less than 2"): `clip` when every trial clipped, or
+    # the conditional `clip_norm` when only one trial clipped. The per-parameter plots leave it out.
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    varying = sorted({k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1})
+    varying = sorted({k for t in complete for k in t.params
+                      if len({repr(u.params[k]) for u in complete if k in u.params}) > 1})
     for name in ("optimization_history", "param_importances", "slice", "contour", "intermediate_values"):
         kwargs = {"params": varying} if name in ("param_importances", "slice", "contour") else {}
         try:
             if name in ("slice", "contour", "param_importances") and len(varying) < (2 if name == "contour" else 1):
                 raise ValueError(f"needs {'two parameters' if name == 'contour' else 'a parameter'} that varied "
                                  f"across complete trials (varied: {', '.join(varying) or 'none'})")
+            if name == "intermediate_values" and not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+                raise ValueError("no trial reported a value per epoch")  # Optuna would warn and draw nothing
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib backend
+                # On a small study Optuna's importance estimate warns that a parameter's regimes hold
+                # fewer than 2 trials; the plot still says what it can, and the user can do nothing.
+                warnings.filterwarnings("ignore", message="Some regimes for parameter", category=UserWarning)
                 figure = getattr(vis, f"plot_{name}")(study, **kwargs)
                 run.log_text(figure.to_html(include_plotlyjs="cdn"), f"optuna/{name}.html")
                 axes = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)

@@ -355,6 +355,13 @@ def test_mlproject_is_thin_and_every_setting_passes_through():
     for section in ("data", "model", "optim", "method", "loss", "split", "tracking"):
         for field_name in setting_fields(SECTIONS[section]()):
             assert f"--{field_name}" in train_flags and "--" + field_name.replace("_", "-") in train_flags
+    # `ltexp tune --help` lists only what tuning uses: it searches split point, clipping and fusion
+    # itself, trains split experts only (no re-sampling, cRT, router or student), registers by --model-name.
+    tune_flags = {opt for action in commands["tune"]._actions for opt in action.option_strings}
+    for absent in ("--method", "--sampling", "--crt-epochs", "--clip-norm", "--split-at", "--fusion", "--register-as",
+                   "--router", "--distill", "--distill-temperature", "--distill-weight", "--student-sampling"):
+        assert absent not in tune_flags
+    assert {"--n-trials", "--fusions", "--clip-min", "--expert-mode", "--lws", "--no-progress"} <= tune_flags
 
 
 def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subprocess_env, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Optuna tuning end to end on digits: nested runs, plots, registry promotion, resume, pruning, bad input."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -37,9 +38,14 @@ def test_objective_parsing():
         parse_objective("test_acc")
 
 
-def test_study_end_to_end_with_guarded_promotion(mlflow_store, tmp_path):
+def test_study_end_to_end_with_guarded_promotion(mlflow_store, tmp_path, capfd):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = run_study(_cfg(), TuneConfig(n_trials=3, storage=storage, study_name="good", pruner="none"))
+    # Not a terminal: a line per trial with trials done and the ETA, instead of Optuna's INFO lines.
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tune ")]
+    assert [line.split(",")[0] for line in lines] == [f"tune {n}/3 trials done" for n in (1, 2, 3)]
+    assert "ETA 0:00: trial 2 COMPLETE val_acc" in lines[-1] and "(best " in lines[-1]
+    assert "finished with value" not in capfd.readouterr().err
     (parent,) = _runs("tune")
     trials = _runs("trial")
     assert len(trials) == 3
@@ -244,3 +250,41 @@ def test_a_terminated_trial_resumes_from_its_checkpoint(subprocess_env, tmp_path
     assert runs["0"].info.status == "KILLED" and runs["0"].data.tags["ltexp.resumed_by"] == runs["1"].info.run_id
     assert runs["0"].data.tags["ltexp.error"].startswith("terminated by signal SIGTERM")
     assert not list((tmp_path / "cache").rglob("*.pt"))  # trials that ended leave no checkpoint behind
+
+
+def test_plots_leave_out_a_parameter_with_one_value_and_warn_nothing(mlflow_store, recwarn):
+    """`clip_norm` exists only in trials that clip; when one complete trial clipped, it has one
+    value: Optuna would warn "unique value length is less than 2" (and its importance estimate
+    about regimes with fewer than 2 trials) for something the user cannot act on."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from ltexp import tracking
+    from ltexp.tune import log_plots
+
+    dists = {"split_at": IntDistribution(1, 9), "clip": CategoricalDistribution(["off", "on"]),
+             "clip_norm": FloatDistribution(0.5, 10.0, log=True),
+             "fusion": CategoricalDistribution(["concat", "softmax"])}
+    study = optuna.create_study(direction="maximize")
+    for value, params in ((0.5, {"split_at": 5, "clip": "off", "fusion": "concat"}),
+                          (0.6, {"split_at": 3, "clip": "on", "clip_norm": 2.0, "fusion": "concat"}),
+                          (0.4, {"split_at": 7, "clip": "off", "fusion": "softmax"}),
+                          (0.55, {"split_at": 4, "clip": "off", "fusion": "softmax"})):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=value))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    optuna.logging.get_logger("optuna").addHandler(handler)
+    try:
+        with mlflow.start_run() as active:
+            log_plots(tracking.Run(active), study)
+    finally:
+        optuna.logging.get_logger("optuna").removeHandler(handler)
+    assert not [r.getMessage() for r in logged if r.levelno >= logging.WARNING]
+    assert not [str(w.message) for w in recwarn.list if not issubclass(w.category, DeprecationWarning)]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(active.info.run_id, "optuna")}
+    assert {"optuna/slice.png", "optuna/contour.png", "optuna/param_importances.png"} <= artifacts
+    text = open(MlflowClient().download_artifacts(active.info.run_id, "optuna/param_importances.html")).read()
+    assert "split_at" in text and "clip_norm" not in text  # plotted: the parameters that varied, only
+    reason = open(MlflowClient().download_artifacts(active.info.run_id, "optuna/intermediate_values.txt")).read()
+    assert "no trial reported a value per epoch" in reason
