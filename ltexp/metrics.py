@@ -24,8 +24,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == labels).float()
     # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur for a max-prob.
+    # |B|/N * |acc(B) - conf(B)| = |sum over B of (confidence - correct)| / N: no per-bin counts needed.
     bin_index = (confidence * bins).ceil().clamp(1, bins).long() - 1
-    count = torch.bincount(bin_index, minlength=bins).float()
     conf_sum = torch.bincount(bin_index, weights=confidence, minlength=bins)
     acc_sum = torch.bincount(bin_index, weights=correct, minlength=bins)
     return float((conf_sum - acc_sum).abs().sum() / labels.numel())
