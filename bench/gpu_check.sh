@@ -52,7 +52,8 @@ FAILED=0
 # --- 1. CUDA tests ---------------------------------------------------------------------------------
 if [[ " $PARTS " == *" tests "* ]]; then
   t0=$SECONDS
-  timeout 210 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py >"$OUT/pytest.log" 2>&1
+  # -o addopts="": the image may lack pytest-xdist, which pyproject.toml's addopts (-n auto) need.
+  timeout 210 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m cuda tests/test_cuda.py >"$OUT/pytest.log" 2>&1
   rc=$?
   tail -5 "$OUT/pytest.log"
   if [ $rc = 0 ] && ! grep -q "skipped" <(tail -3 "$OUT/pytest.log"); then
