@@ -441,6 +441,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
             bar = CountProgress("tune", "trial", tune.n_trials, tune.n_trials - remaining, progress)
 
             def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                # Trials of every worker sharing the study count: one storage read per trial.
                 done = sum(1 for t in study.get_trials(deepcopy=False, states=finished))
                 bar.update(min(done, tune.n_trials), _trial_line(study, trial, tune.metric))
 
@@ -449,7 +450,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
             try:
                 study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
                                callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=(*finished,
-                                          optuna.trial.TrialState.RUNNING)), report])
+                                          optuna.trial.TrialState.RUNNING)), *([report] if progress else [])])
             finally:
                 optuna.logging.set_verbosity(verbosity)
                 bar.close()
