@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, write_cifar_archive
+from conftest import KNOWN_NOISE, REPO, write_cifar_archive
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +22,6 @@ TEST_KEYS = {"test_acc", "test_head_acc", "test_tail_acc", "test_medium_acc", "t
 HEADLINE_KEYS = {"best_val_acc", "best_epoch", "epochs_run", "lr", "train_loss", "train_acc", "epoch_time_s",
                  "train_time_s", "train_images_per_s", "test_time_s", "val_acc", "test_acc", "test_head_acc",
                  "test_tail_acc"}
-# Warnings a user cannot act on, which ltexp must not cause.
-KNOWN_NOISE = ("Add type hints to the `predict` method", "unique value length is less than 2",
-               "project.license` as a TOML table is deprecated")
 ARTIFACTS = {"config.json", "data/class_counts.csv", "data/class_counts.png", "eval/per_class_accuracy.csv",
              "eval/accuracy_vs_count.png", "eval/confusion_matrix.csv", "eval/confusion_matrix.png"}
 TAGS = {"ltexp.method", "ltexp.dataset", "ltexp.imb_type", "ltexp.imb_factor", "ltexp.seed", "ltexp.version",

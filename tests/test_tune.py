@@ -177,12 +177,14 @@ def test_existing_study_with_other_direction_or_space_is_refused(mlflow_store, t
 
 
 def test_mlflow_run_tune_entry_point(subprocess_env, tmp_path):
-    from conftest import REPO
+    from conftest import KNOWN_NOISE, REPO
 
     proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
                            "-P", "epochs=2", "-P", "lws_epochs=1", "-P", f"storage=sqlite:///{tmp_path / 'o.db'}"],
                           cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [w for w in KNOWN_NOISE if w in proc.stderr], proc.stderr[-3000:]
+    assert "tune 2/2 trials done, ETA 0:00: trial 1 " in proc.stderr  # progress under `mlflow run` too
     mlflow.set_tracking_uri(subprocess_env["MLFLOW_TRACKING_URI"])
     (parent,) = _runs("tune")
     assert parent.data.tags["mlflow.project.entryPoint"] == "tune" and parent.info.status == "FINISHED"
