@@ -539,6 +539,8 @@ def log_plots(run: tracking.Run, study: optuna.Study) -> None:
                 # On a small study Optuna's importance estimate warns that a parameter's regimes hold
                 # fewer than 2 trials; the plot still says what it can, and the user can do nothing.
                 warnings.filterwarnings("ignore", message="Some regimes for parameter", category=UserWarning)
+                warnings.filterwarnings("ignore", message="Target and region quantiles select the same set",
+                                        category=UserWarning)
                 figure = getattr(vis, f"plot_{name}")(study, **kwargs)
                 run.log_text(figure.to_html(include_plotlyjs="cdn"), f"optuna/{name}.html")
                 axes = getattr(vis_mpl, f"plot_{name}")(study, **kwargs)
