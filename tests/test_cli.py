@@ -73,21 +73,30 @@ def _assert_one_line_error(proc, *fragments):
     return errors[0]
 
 
-@pytest.mark.parametrize("method,params,stages", [
-    ("baseline", [], 1),
-    ("resample", ["-P", "sampling=over"], 1),
-    ("lws", ["-P", "lws_epochs=2"], 2),
-    ("balanced_softmax", [], 1),
-    ("logit_adjust", ["-P", "tau=1.5"], 1),
-    ("logit_adjust_posthoc", [], 1),
-    ("ldam_drw", ["-P", "drw_epoch=2"], 1),
-    ("focal", [], 1),
-    ("tau_norm", [], 1),
-    ("crt", ["-P", "crt_epochs=2"], 2),
+@pytest.mark.parametrize("method,params,stages,via", [
+    ("baseline", [], 1, "mlflow run"),
+    ("resample", ["-P", "sampling=over"], 1, "ltexp train"),
+    ("lws", ["-P", "lws_epochs=2"], 2, "mlflow run"),
+    ("balanced_softmax", [], 1, "ltexp train"),
+    ("logit_adjust", ["-P", "tau=1.5"], 1, "ltexp train"),
+    ("logit_adjust_posthoc", [], 1, "mlflow run"),
+    ("ldam_drw", ["-P", "drw_epoch=2"], 1, "ltexp train"),
+    ("focal", [], 1, "ltexp train"),
+    ("tau_norm", [], 1, "ltexp train"),
+    ("crt", ["-P", "crt_epochs=2"], 2, "ltexp train"),
 ])
-def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, params, stages):
-    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", method, "--env-manager", "local",
-                           "-P", "epochs=3", *params], env=subprocess_env, capture_output=True, text=True, timeout=600)
+def test_every_method_logs_a_complete_run(subprocess_env, capsys, method, params, stages, via):
+    """Every method logs the same complete run. One of each kind (one stage, two stages, a post-hoc
+    step) goes through a real `mlflow run` of its entry point; the others run `ltexp train` in this
+    process, the command every entry point is (test_mlproject_is_thin...): a real `mlflow run` per
+    method would add ~9 s of interpreter start-up each and test MLflow, not ltexp, again."""
+    if via == "mlflow run":
+        proc = subprocess.run(["mlflow", "run", str(REPO), "-e", method, "--env-manager", "local",
+                               "-P", "epochs=3", *params], env=subprocess_env, capture_output=True, text=True,
+                              timeout=600)
+    else:
+        flags = [part for p in params[1::2] for part in ("--" + p.split("=")[0], p.split("=")[1])]
+        proc = _ltexp_here(["train", "--method", method, "--epochs", "3", *flags], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [w for w in KNOWN_NOISE if w in proc.stderr], proc.stderr[-3000:]
     (run,) = _all_runs()
@@ -104,7 +113,8 @@ def test_mlflow_run_entry_point_logs_a_complete_run(subprocess_env, method, para
     assert history[-1].value == pytest.approx(max(h.value for h in last_stage), abs=1e-6) or method.endswith(
         ("posthoc", "norm"))
     assert TAGS <= set(data.tags) and data.tags["ltexp.method"] == method and data.tags["ltexp.role"] == "experiment"
-    assert data.tags["mlflow.project.entryPoint"] == method  # the run `mlflow run` created was used
+    if via == "mlflow run":
+        assert data.tags["mlflow.project.entryPoint"] == method  # the run `mlflow run` created was used
     # No experiment named: `mlflow run` put it where `ltexp train` would (ltexp/default_experiment.py).
     assert MlflowClient().get_experiment(run.info.experiment_id).name == "ltexp"
     # What was given (logged by mlflow run) and what ltexp resolved, each once, with the value used.
@@ -208,11 +218,18 @@ def _children(parent_id):
                               filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-@pytest.mark.parametrize("groups,mode", [(2, "own"), (3, "other")])
-def test_mlflow_run_split_logs_parent_and_one_child_per_expert(subprocess_env, groups, mode):
-    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local", "-P", "epochs=3",
-                           "-P", "lws_epochs=1", "-P", f"num_groups={groups}", "-P", f"expert_mode={mode}"],
-                          env=subprocess_env, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("groups,mode,via", [(2, "own", "mlflow run"), (3, "other", "ltexp train")])
+def test_split_logs_parent_and_one_child_per_expert(subprocess_env, capsys, groups, mode, via):
+    """The split entry point through a real `mlflow run`; the three-group variant runs its command,
+    `ltexp train --method split`, in this process (as test_every_method_logs_a_complete_run)."""
+    settings = {"epochs": 3, "lws_epochs": 1, "num_groups": groups, "expert_mode": mode}
+    if via == "mlflow run":
+        proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local",
+                               *[a for k, v in settings.items() for a in ("-P", f"{k}={v}")]],
+                              env=subprocess_env, capture_output=True, text=True, timeout=600)
+    else:
+        proc = _ltexp_here(["train", "--method", "split", *[a for k, v in settings.items() for a in (f"--{k}", str(v))]],
+                           capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _all_runs()
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
