@@ -1,8 +1,11 @@
 """End to end: `mlflow run . -e <method>`, `ltexp train`, `ltexp data`, and every bad input."""
 
+import io
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -48,19 +51,35 @@ def _ltexp_here(args, capsys):
     """`ltexp args` run by this process (`ltexp.cli.main` in the test's store and folder), returned
     as a finished process: for checks of what a command prints, logs or refuses, where a fresh
     interpreter would add only its start-up (3-7 s of CPU: torch, MLflow). Real processes stay
-    where they are the point: `mlflow run`, stderr free of library noise, argparse errors."""
+    where they are the point: `mlflow run`, argparse errors.
+
+    Its stderr holds what a fresh interpreter would print there and pytest would otherwise take
+    aside: Python warnings under Python's default filters, and Optuna's log warnings (Optuna's
+    handler holds the stream it found at import), so KNOWN_NOISE checks see them."""
     from ltexp.cli import main
 
     threads = torch.get_num_threads()  # main() sets torch's thread count for the command
+    optuna_log = io.StringIO()
+    handler = logging.StreamHandler(optuna_log)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("optuna").addHandler(handler)
     capsys.readouterr()
     try:
-        code = main(list(args))
-    except SystemExit as exc:  # ltexp's one-line errors exit this way
-        code = exc.code
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)  # Python's defaults outside __main__
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # ltexp's one-line errors exit this way
+                code = exc.code
     finally:
         torch.set_num_threads(threads)
+        logging.getLogger("optuna").removeHandler(handler)
     out = capsys.readouterr()
-    return subprocess.CompletedProcess(["ltexp", *args], code, out.out, out.err)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["ltexp", *args], code, out.out, out.err + shown + optuna_log.getvalue())
 
 
 def _assert_one_line_error(proc, *fragments):
