@@ -24,12 +24,13 @@ KNOWN_NOISE = ("Add type hints to the `predict` method", "unique value length is
                "You need to set up the pruning feature")
 
 # The CIFAR archives below are generated, not the published files: let ltexp read them (still with
-# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache: one
-# per pytest process (xdist workers inherit the controller's environment, so a worker makes its own).
+# its arrays-only unpickler). Checkpoints of test runs go to a throw-away cache, not ~/.cache, and
+# each xdist worker to its own folder in it (workers inherit the controller's LTEXP_CACHE).
 os.environ["LTEXP_UNVERIFIED_CIFAR"] = "1"
-if "LTEXP_CACHE" not in os.environ or (os.environ.get("PYTEST_XDIST_WORKER")
-                                       and os.environ.get("LTEXP_TEST_CACHE") == os.environ["LTEXP_CACHE"]):
-    os.environ["LTEXP_CACHE"] = os.environ["LTEXP_TEST_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+if "LTEXP_CACHE" not in os.environ:
+    os.environ["LTEXP_CACHE"] = tempfile.mkdtemp(prefix="ltexp-test-cache-")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["LTEXP_CACHE"] = os.path.join(os.environ["LTEXP_CACHE"], os.environ["PYTEST_XDIST_WORKER"])
 
 
 def _split_threads_between_workers() -> None:
