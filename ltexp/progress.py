@@ -7,7 +7,7 @@ per epoch at most every `LINE_EVERY_S` seconds (and always for a stage's first a
 
 and a study or grid prints a line per trial or cell finished (`CountProgress`):
 
-    tune 3/20 trials done, ETA 1:05: trial 2 COMPLETE val_acc 0.8450 (best 0.8600, trial 1)
+    tune 2/5 trials done, ETA 0:03: trial 1 COMPLETE val_acc 0.1950 (best 0.1950, trial 1)
 """
 
 from __future__ import annotations

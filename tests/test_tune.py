@@ -72,8 +72,10 @@ def test_study_end_to_end_with_guarded_promotion(mlflow_store, tmp_path, capfd):
     assert int(client.get_model_version_by_alias("ltexp-digits", "candidate").version) == 1
 
     # A deliberately worse study (1 epoch at a tiny learning rate) must not take the champion.
+    capfd.readouterr()
     worse = run_study(_cfg(epochs=1, lr=1e-4), TuneConfig(n_trials=3, storage=storage, study_name="worse",
-                                                           pruner="none"))
+                                                           pruner="none"), progress=False)
+    assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("tune ")]  # --no-progress
     assert worse.version == 2 and not worse.promoted and worse.best_value < first.best_value
     assert int(client.get_model_version_by_alias("ltexp-digits", "champion").version) == 1
     assert int(client.get_model_version_by_alias("ltexp-digits", "candidate").version) == 2
