@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import uuid
 import warnings
@@ -337,6 +338,152 @@ def _state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+class TrialBudget:
+    """At most `n_trials` trials done or running in a study, however many workers share it.
+
+    Optuna's MaxTrialsCallback counts after a trial ends, and the next trial is created later,
+    in the next `ask`: two workers that finish together both count n - 1 and both start one more
+    (seen: 5 trials for `--n-trials 4` with two workers on PostgreSQL). Here each worker counts
+    and creates its next trial under one lock that every worker of the study takes, so the count
+    a worker reads includes every trial another worker has started:
+
+    - PostgreSQL: a session advisory lock keyed by the study name (every machine of a team);
+    - MySQL: `GET_LOCK` on the same key;
+    - sqlite database or journal file: an exclusive file lock beside it (one machine, as those
+      storages are; the grid's claims take the same lock file);
+    - any other storage: no lock, and the count is MaxTrialsCallback's.
+
+    `optimize` runs the study this way: `take()` before the first trial and after each
+    (`next_or_stop`, the last optimize callback); while it returns True the lock stays held until
+    the trial exists (the `wrap`ped objective is entered) or `release()`. A lock not obtained in
+    `wait_s` seconds (a worker's machine vanished while holding it; PostgreSQL drops the session
+    when TCP gives up) is skipped with a warning: the study goes on, at worst one trial over.
+    """
+
+    COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+    def __init__(self, study: optuna.Study, storage, storage_url: str, n_trials: int, wait_s: float = 120.0):
+        self.study = study
+        self.storage = storage
+        self.n_trials = n_trials
+        self.wait_s = wait_s
+        self.counted = 0  # trials done or running at the last take()
+        self._release = None  # callable that releases the held lock
+        self._kind, self._target = self._lock_kind(storage, storage_url, study.study_name)
+
+    @staticmethod
+    def _lock_kind(storage, url: str, study_name: str) -> tuple[str, Any]:
+        import hashlib
+
+        if url.startswith("journal:") or url.endswith((".log", ".journal")):
+            return "file", Path(f"{url[len('journal:'):] if url.startswith('journal:') else url}.ltexp-lock")
+        if url.startswith("sqlite:///"):
+            return "file", Path(f"{url[len('sqlite:///'):]}.ltexp-lock")
+        digest = hashlib.blake2b(f"ltexp-tune:{study_name}".encode(), digest_size=8).digest()
+        dialect = getattr(getattr(storage, "engine", None), "dialect", None)
+        if dialect is not None and dialect.name == "postgresql":
+            return "postgresql", int.from_bytes(digest, "big", signed=True)  # a bigint key
+        if dialect is not None and dialect.name in ("mysql", "mariadb"):
+            return "mysql", f"ltexp-tune-{digest.hex()}"  # GET_LOCK names: 64 characters at most
+        return "none", None
+
+    def _acquire(self) -> None:
+        """Take the study's lock (waits up to `wait_s`; see the class docstring)."""
+        deadline = time.monotonic() + self.wait_s
+        if self._kind == "file":
+            import fcntl
+
+            handle = open(self._target, "a")
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        handle.close()
+                        return self._give_up()
+                    time.sleep(0.01)
+
+            def release() -> None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+        elif self._kind in ("postgresql", "mysql"):
+            from sqlalchemy import text
+
+            take, give = ((text("SELECT pg_try_advisory_lock(:key)"), text("SELECT pg_advisory_unlock(:key)"))
+                          if self._kind == "postgresql" else
+                          (text("SELECT GET_LOCK(:key, 0)"), text("SELECT RELEASE_LOCK(:key)")))
+            connection = self.storage.engine.connect()
+            while not connection.execute(take, {"key": self._target}).scalar():
+                if time.monotonic() > deadline:
+                    connection.close()
+                    return self._give_up()
+                time.sleep(0.02)
+
+            def release() -> None:
+                try:
+                    connection.execute(give, {"key": self._target})
+                    connection.commit()
+                finally:
+                    # A session lock outlives the pooled connection's reset: never pool it.
+                    connection.invalidate()
+                    connection.close()
+        else:
+            return
+        self._release = release
+
+    def _give_up(self) -> None:
+        print(f"ltexp: warning: no trial-budget lock for study {self.study.study_name!r} in {self.wait_s:g} s; "
+              f"going on without it (at worst one trial over --n-trials)", file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        """Release the lock if held (idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def take(self) -> bool:
+        """Lock, fail stale trials, count; True (lock kept) when another trial may start."""
+        self._acquire()
+        try:
+            if isinstance(self.storage, optuna.storages.RDBStorage):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial is retried, not counted
+            self.counted = len(self.study.get_trials(deepcopy=False, states=self.COUNTED))
+        except BaseException:
+            self.release()
+            raise
+        if self.counted >= self.n_trials:
+            self.release()
+            return False
+        return True
+
+    def optimize(self, objective, callbacks=(), **optimize_kwargs) -> bool:
+        """`study.optimize` until the study has `n_trials` done or running (this worker runs at
+        most that many itself, failed ones included); False when no trial was due."""
+        if not self.take():
+            return False
+        try:
+            self.study.optimize(self.wrap(objective), n_trials=self.n_trials - self.counted,
+                                callbacks=[*callbacks, self.next_or_stop], **optimize_kwargs)
+        finally:
+            self.release()
+        return True
+
+    def next_or_stop(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optimize callback (the last one): take the lock for the next trial, or stop the study."""
+        if not self.take():
+            study.stop()
+
+    def wrap(self, objective):
+        """The objective, releasing the lock first: by then Optuna has created the trial."""
+        def run(trial: optuna.Trial) -> float:
+            self.release()
+            return objective(trial)
+        return run
+
+
 PARENT_RUN_ATTR = "ltexp.mlflow_run_id"
 
 
@@ -427,33 +574,26 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
                                "search_space": json.dumps(description), **{k: v for k, v in base.data.__dict__.items()},
                                "model": base.model.model, "epochs": base.optim.epochs, "seed": base.seed})
         objective = Objective(base, space, terms, prep, parent)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and retried) first
-        counts = _state_counts(study)
-        # Trials other workers are running count as done, so that workers sharing the study stop
-        # at n_trials instead of each finishing one more (optuna/optuna#3518).
-        remaining = max(0, tune.n_trials - counts.get("COMPLETE", 0) - counts.get("PRUNED", 0)
-                        - counts.get("RUNNING", 0))
+        budget = TrialBudget(study, storage, storage_url, tune.n_trials)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        # Display only (read without the budget's lock): trials finished before this worker.
+        bar = CountProgress("tune", "trial", tune.n_trials,
+                            min(tune.n_trials, len(study.get_trials(deepcopy=False, states=finished))), progress)
+
+        def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # Trials of every worker sharing the study count: one storage read per trial.
+            done = sum(1 for t in study.get_trials(deepcopy=False, states=finished))
+            bar.update(min(done, tune.n_trials), _trial_line(study, trial, tune.metric))
+
         started = time.perf_counter()
-        if remaining:
-            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            bar = CountProgress("tune", "trial", tune.n_trials, tune.n_trials - remaining, progress)
-
-            def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-                # Trials of every worker sharing the study count: one storage read per trial.
-                done = sum(1 for t in study.get_trials(deepcopy=False, states=finished))
-                bar.update(min(done, tune.n_trials), _trial_line(study, trial, tune.metric))
-
-            verbosity = optuna.logging.get_verbosity()
-            optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it, with the ETA
-            try:
-                study.optimize(objective, n_trials=remaining, catch=(LtexpError,), gc_after_trial=False,
-                               callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=(*finished,
-                                          optuna.trial.TrialState.RUNNING)), *([report] if progress else [])])
-            finally:
-                optuna.logging.set_verbosity(verbosity)
-                bar.close()
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it, with the ETA
+        try:
+            budget.optimize(objective, callbacks=[report] if progress else [], catch=(LtexpError,),
+                            gc_after_trial=False)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+            bar.close()
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
