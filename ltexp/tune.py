@@ -71,15 +71,49 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
+def _journal_path(url: str) -> str | None:
+    """The file a journal storage URL names (`*.log`, `*.journal` or `journal:<path>`); else None."""
+    if url.startswith("journal:"):
+        return url[len("journal:"):]
+    return url if url.endswith((".log", ".journal")) else None
+
+
+def _sqlite_lock_path(url: str) -> Path | None:
+    """The lock file ltexp keeps beside an sqlite database (`sqlite:///<path>`); else None."""
+    return Path(f"{url[len('sqlite:///'):]}.ltexp-lock") if url.startswith("sqlite:///") else None
+
+
+def _flock(path: Path, wait_s: float | None = None):
+    """Take an exclusive lock on the file `path` (made if missing); returns the function that
+    releases it, or None when it was not obtained in `wait_s` seconds (None: wait until it is)."""
+    import fcntl
+
+    handle = open(path, "a")
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(0.01)
+
+    def release() -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+    return release
+
+
 def open_storage(url: str, heartbeat_s: int):
     """An Optuna storage: RDB URL (with heartbeats and retry of dead workers' trials) or a journal
     file (`*.log`, `*.journal` or `journal:<path>`). Unreachable storage -> one-line error."""
     try:
-        if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        if _journal_path(url) is not None:
             from optuna.storages.journal import JournalFileBackend
 
-            path = url[len("journal:"):] if url.startswith("journal:") else url
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+            return optuna.storages.JournalStorage(JournalFileBackend(_journal_path(url)))
         for attempt in range(4):
             try:
                 with warnings.catch_warnings():
@@ -375,10 +409,10 @@ class TrialBudget:
     def _lock_kind(storage, url: str, study_name: str) -> tuple[str, Any]:
         import hashlib
 
-        if url.startswith("journal:") or url.endswith((".log", ".journal")):
-            return "file", Path(f"{url[len('journal:'):] if url.startswith('journal:') else url}.ltexp-lock")
-        if url.startswith("sqlite:///"):
-            return "file", Path(f"{url[len('sqlite:///'):]}.ltexp-lock")
+        if _journal_path(url) is not None:
+            return "file", Path(f"{_journal_path(url)}.ltexp-lock")
+        if _sqlite_lock_path(url) is not None:
+            return "file", _sqlite_lock_path(url)
         digest = hashlib.blake2b(f"ltexp-tune:{study_name}".encode(), digest_size=8).digest()
         dialect = getattr(getattr(storage, "engine", None), "dialect", None)
         if dialect is not None and dialect.name == "postgresql":
@@ -389,24 +423,10 @@ class TrialBudget:
 
     def _acquire(self) -> None:
         """Take the study's lock (waits up to `wait_s`; see the class docstring)."""
-        deadline = time.monotonic() + self.wait_s
         if self._kind == "file":
-            import fcntl
-
-            handle = open(self._target, "a")
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        handle.close()
-                        return self._give_up()
-                    time.sleep(0.01)
-
-            def release() -> None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+            release = _flock(self._target, self.wait_s)
+            if release is None:
+                return self._give_up()
         elif self._kind in ("postgresql", "mysql"):
             from sqlalchemy import text
 
@@ -414,6 +434,7 @@ class TrialBudget:
                           if self._kind == "postgresql" else
                           (text("SELECT GET_LOCK(:key, 0)"), text("SELECT RELEASE_LOCK(:key)")))
             connection = self.storage.engine.connect()
+            deadline = time.monotonic() + self.wait_s
             while not connection.execute(take, {"key": self._target}).scalar():
                 if time.monotonic() > deadline:
                     connection.close()
@@ -449,7 +470,9 @@ class TrialBudget:
             if isinstance(self.storage, optuna.storages.RDBStorage):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial is retried, not counted
+                    # A dead worker's RUNNING trial must not count. Optuna fails stale trials
+                    # again just before its ask (one more query, which then finds none).
+                    optuna.storages.fail_stale_trials(self.study)
             self.counted = len(self.study.get_trials(deepcopy=False, states=self.COUNTED))
         except BaseException:
             self.release()
@@ -752,14 +775,11 @@ class CellQueue:
 
         @contextmanager
         def locked():
-            import fcntl
-
-            with open(self.lock_path, "a") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+            release = _flock(self.lock_path)
+            try:
+                yield
+            finally:
+                release()
 
         return locked()
 
@@ -958,8 +978,7 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
     except Exception as exc:
         raise LtexpError(f"cannot create or load grid study {name!r} in {redact(storage_url)}: "
                          f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
-    lock = Path(f"{storage_url[len('sqlite:///'):]}.ltexp-lock") if storage_url.startswith("sqlite:///") else None
-    queue = CellQueue(study, storage, n_cells, heartbeat_s, lock)
+    queue = CellQueue(study, storage, n_cells, heartbeat_s, _sqlite_lock_path(storage_url))
     if created:
         study.set_user_attr(_SETTINGS_ATTR, settings)
         for cell in range(n_cells):
