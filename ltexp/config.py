@@ -348,7 +348,8 @@ class TuneConfig:
     sampler: str = setting("tpe", "tpe or random (seeded with --seed)", choices=SAMPLERS_OPTUNA)
     heartbeat_s: int = setting(60, "RDB heartbeat interval in seconds; a trial silent for twice this is failed "
                                    "and retried")
-    model_name: str = setting("", "registered model name (empty: ltexp-<dataset>)")
+    model_name: str = setting("", "registered model name (empty: ltexp-<dataset>, for a folder data set "
+                                  "ltexp-folder-<folder name>)")
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:

@@ -66,6 +66,15 @@ def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
+def default_model_name(dataset: str) -> str:
+    """The registered-model name when --model-name is empty: `ltexp-<dataset>`, and for a folder
+    data set `ltexp-folder-<folder name>` (MLflow refuses '/' and ':' in a name)."""
+    if dataset.startswith("folder:"):
+        folder = Path(dataset[len("folder:"):]).expanduser().resolve().name
+        dataset = "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.")
+    return f"ltexp-{dataset}"
+
+
 def redact(url: str) -> str:
     """A storage URL fit for a param: the password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
@@ -645,7 +654,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         # Counted after the test evaluation, whose experts come from the cache too: what is printed.
         parent.log_metrics({"experts_trained": objective.cache.misses, "experts_reused": objective.cache.hits})
         tracking.flush()
-        name = tune.model_name or f"ltexp-{base.data.dataset}"
+        name = tune.model_name or default_model_name(base.data.dataset)
         data_key = "|".join(str(getattr(base.data, f)) for f in ("dataset", "imb_type", "imb_factor", "val_source",
                                                                  "val_per_class", "data_seed"))
         version, promoted, decision = tracking.register_and_promote(parent.run_id, name, tune.metric, best.value, data_key)

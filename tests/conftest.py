@@ -53,6 +53,22 @@ def _split_threads_between_workers() -> None:
 _split_threads_between_workers()
 
 
+def write_image_folder(root: Path, train_per_class: int, test_per_class: int, size: int = 20, seed: int = 0) -> Path:
+    """Write a `folder:` data set of three classes a, b, c (`root/{train,test}/<class>/<i>.png`),
+    each a mean grey level plus noise, so a model can learn it. Returns `root`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for k, name in enumerate(("a", "b", "c")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(60 + 70 * k, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
 def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
     """Write a small archive in the official python format (torchvision's folder layout).
 

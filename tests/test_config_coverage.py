@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import write_cifar_archive
+from conftest import write_cifar_archive, write_image_folder
 from ltexp.cli import TRAIN_SECTIONS, SECTIONS
 from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, resolve_config, setting_fields, used_settings
 from ltexp.experiment import build_experts, expert_info, prepare, teacher_targets, train_expert
@@ -77,14 +76,7 @@ def data_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("coverage")
     write_cifar_archive(root / "cifar", "cifar10", 30, 5, seed=0)
     write_cifar_archive(root / "other", "cifar10", 30, 5, seed=1)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("test", 6)):
-        for k, name in enumerate(("a", "b", "c")):
-            folder = root / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(rng.normal(60 + 70 * k, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_image_folder(root / "images", 24, 6)
     return root
 
 

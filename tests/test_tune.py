@@ -292,3 +292,28 @@ def test_plots_leave_out_a_parameter_with_one_value_and_warn_nothing(mlflow_stor
     assert "split_at" in text and "clip_norm" not in text  # plotted: the parameters that varied, only
     reason = open(MlflowClient().download_artifacts(active.info.run_id, "optuna/intermediate_values.txt")).read()
     assert "no trial reported a value per epoch" in reason
+
+
+def test_default_model_name_is_one_mlflow_accepts():
+    from ltexp import tracking
+    from ltexp.tune import default_model_name
+
+    names = [default_model_name(d) for d in ("digits", "cifar100", "folder:data/cifar10-dev", "folder:/x/my photos:v2/")]
+    assert names == ["ltexp-digits", "ltexp-cifar100", "ltexp-folder-cifar10-dev", "ltexp-folder-my-photos-v2"]
+    for name in names:
+        tracking.validate_registered_name(name)
+
+
+def test_a_study_on_a_folder_data_set_registers_its_model(mlflow_store, tmp_path):
+    """The default name was `ltexp-folder:<path>`, which MLflow refuses: the study ran, then failed."""
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "my photos", 40, 8, size=16)
+    cfg = resolve_config({"data": {"dataset": f"folder:{tmp_path / 'my photos'}", "image_size": 16, "imb_factor": 0.5,
+                                   "val_per_class": 5},
+                          "model": {"model": "smallcnn"}, "optim": {"epochs": 1, "batch_size": 16},
+                          "method": {"method": "split", "lws_epochs": 1}})
+    result = run_study(cfg, TuneConfig(n_trials=1, storage=f"sqlite:///{tmp_path / 'optuna.db'}", pruner="none"),
+                       progress=False)
+    assert result.version == 1
+    assert int(MlflowClient().get_model_version_by_alias("ltexp-folder-my-photos", "candidate").version) == 1
