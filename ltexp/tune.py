@@ -16,6 +16,7 @@ trial whose worker died and it is retried.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -33,6 +34,19 @@ from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer
                               fusion_table, prepare, train_expert)
 from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
 from ltexp.progress import CountProgress
+
+
+class _NoTraceback(logging.Filter):
+    """Optuna logs a failed trial with its traceback. For a trial ended by Ctrl-C or SIGTERM, or
+    by an ltexp error (one line that names the bad value), the message line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, LtexpError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NoTraceback())
 
 OBJECTIVE_KEYS = ("acc", "head_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "macro_acc", "routing_acc",
                   "ece", "nll")
