@@ -228,12 +228,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ltexp.tune import run_study  # after the checks, as in cmd_train
 
     result = run_study(cfg, tune_cfg, progress=not args.no_progress)
-    print(f"\nstudy {result.study_name}: {result.trials_run} trials run now; best {tune_cfg.metric} = {result.best_value:.4f}")
+    ran = (f"{result.trials_finished} trials finished by {tune_cfg.jobs} jobs ({result.trials_run} in this process)"
+           if tune_cfg.jobs > 1 else f"{result.trials_run} trials run now")
+    print(f"\nstudy {result.study_name}: {ran}; best {tune_cfg.metric} = {result.best_value:.4f}")
     print("best params: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
     for key in ("test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc", "test_routing_acc"):
         if key in result.test_metrics:
             print(f"  {key:<18} {result.test_metrics[key]:.4f}")
-    print(f"experts trained {result.experts_trained}, reused {result.experts_reused}")
+    print(f"experts trained {result.experts_trained}, reused {result.experts_reused}"
+          + (" (by this process)" if tune_cfg.jobs > 1 else ""))
     print(f"registered version {result.version} as @candidate; {result.decision}")
     print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
     return 0

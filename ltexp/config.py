@@ -350,8 +350,12 @@ class TuneConfig:
                                    "and retried")
     model_name: str = setting("", "registered model name (empty: ltexp-<dataset>, for a folder data set "
                                   "ltexp-folder-<folder name>)")
+    jobs: int = setting(1, "trials run at once by this command: worker processes on this machine sharing the "
+                           "study and device, each with an equal share of --threads (small models leave a GPU idle)")
 
     def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise LtexpError(f"--jobs {self.jobs} must be >= 1 (trials run at once on this machine)")
         if self.n_trials < 1:
             raise LtexpError(f"--n-trials {self.n_trials} must be >= 1")
         extra = [d for d in self.search_dims() if d not in SEARCHABLE]

@@ -8,11 +8,15 @@ point call.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
+import os
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -121,14 +125,35 @@ UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", 
 
 @dataclass
 class ExpertCache:
-    """Trained experts by `expert_key`, so a tuning study never trains the same expert twice."""
+    """Trained experts by `expert_key`, so a tuning study never trains the same expert twice.
+
+    `directory`: also kept there, for the processes of one `ltexp tune --jobs N` (one machine), so
+    that an expert one job trained is reused by the others and by the command's final test
+    evaluation. One weights file (`<hash>.pt`, CPU tensors) and one `<hash>.json` (its `FitResult`)
+    per expert; the command removes the folder when the study ends."""
 
     entries: dict = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    directory: Path | None = None
+
+    def _path(self, key: str) -> Path:
+        return self.directory / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _load(self, key: str) -> bool:
+        """Read an expert another process put into `directory` (weights written last: complete)."""
+        if self.directory is None or not self._path(key).with_suffix(".pt").exists():
+            return False
+        path = self._path(key)
+        state = torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True)
+        self.entries[key] = (state, FitResult(**json.loads(path.with_suffix(".json").read_text())))
+        return True
+
+    def has(self, key: str) -> bool:
+        return key in self.entries or self._load(key)
 
     def get(self, key: str):
-        if key in self.entries:
+        if self.has(key):
             self.hits += 1
             return self.entries[key]
         self.misses += 1
@@ -136,6 +161,17 @@ class ExpertCache:
 
     def put(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
         self.entries[key] = (copy.deepcopy(model.state_dict()), result)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._path(key)
+            # Each file renamed into place whole; the weights last, so a reader that sees them
+            # finds the result too.
+            for suffix, write in ((".json", lambda f: f.write_text(json.dumps(dataclasses.asdict(result)))),
+                                  (".pt", lambda f: torch.save({k: v.detach().cpu() for k, v in
+                                                                self.entries[key][0].items()}, f))):
+                part = path.with_name(f"{path.name}{suffix}.{os.getpid()}.part")
+                write(part)
+                os.replace(part, path.with_suffix(suffix))
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,

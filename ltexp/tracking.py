@@ -153,7 +153,7 @@ def default_experiment_id() -> str:
 class Run:
     """Handle on the active MLflow run, with the logging calls the experiment needs."""
 
-    def __init__(self, run: mlflow.ActiveRun):
+    def __init__(self, run: mlflow.entities.Run):  # an ActiveRun, or a stored run (`existing_run`)
         self.run = run
         self.run_id = run.info.run_id
         # Status the run ends with when its block exits normally (e.g. KILLED for a pruned trial).
@@ -238,7 +238,12 @@ class Run:
         """A nested run (e.g. one expert) under this one; FAILED with the reason if it raises."""
         from ltexp.lifecycle import process_tags
 
-        with _guarded(mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()})) as run:
+        active = mlflow.active_run()
+        # Under this run when it is the active one; else (a run opened by another process, see
+        # `existing_run`) by its id, in its experiment, without making it active here.
+        where = {} if active is not None and active.info.run_id == self.run_id else \
+            {"parent_run_id": self.run_id, "experiment_id": self.run.info.experiment_id}
+        with _guarded(mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()}, **where)) as run:
             run.parent_id = self.run_id
             run._params = {}  # a new run: no params to read back from the store
             yield run
@@ -274,6 +279,12 @@ class Run:
             input_example=input_example,
             pip_requirements=MODEL_REQUIREMENTS,
         )
+
+
+def existing_run(run_id: str) -> Run:
+    """A handle on a run another process has open (the parent run of `ltexp tune --jobs N`):
+    `child` nests new runs under it; this process never ends or activates it."""
+    return Run(MlflowClient().get_run(run_id))
 
 
 @contextmanager

@@ -10,23 +10,29 @@ trial with its per-epoch validation curve and final state (COMPLETE / PRUNED / F
 another fusion rule never retrains experts, and an expert whose training settings were seen
 before is reused (`ExpertCache`). Running the same command again continues the study
 (`load_if_exists`) up to `n_trials` finished trials; with an RDB storage, heartbeats mark a
-trial whose worker died and it is retried.
+trial whose worker died and it is retried. `--jobs N` runs N trials at once on one machine
+(`TuneJobs`: N-1 spawned helper processes, one trial budget, one parent run, one expert cache
+folder).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import re
+import shutil
 import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from ltexp import LtexpError, lifecycle, tracking
 from ltexp.config import RunConfig, TuneConfig
@@ -279,7 +285,8 @@ class Objective:
         started = time.perf_counter()
         compute = 0.0
         cfg = apply(self.base, self.space.suggest(trial))
-        tags = {**tracking.run_tags(cfg, "trial"), "ltexp.trial_number": str(trial.number)}
+        tags = {**tracking.run_tags(cfg, "trial"), "ltexp.trial_number": str(trial.number),
+                "ltexp.torch_threads": str(torch.get_num_threads())}
         with self.parent.child(f"trial-{trial.number}", tags) as run:
             run.log_params({**{k: str(v) for k, v in trial.params.items()}, "trial_number": trial.number},
                            synchronous=False)
@@ -292,7 +299,7 @@ class Objective:
             experts = []
             for spec in specs:
                 key = expert_key(cfg, spec)
-                if key in self.cache.entries:
+                if self.cache.has(key):
                     model, _, _ = train_expert(cfg, method, spec, self.prep, None, False, self.cache)
                     experts.append(_Expert(spec, key, model, None, None))
                 else:
@@ -383,7 +390,8 @@ class TuneResult:
     version: int | None
     promoted: bool
     decision: str
-    trials_run: int
+    trials_run: int        # by this process
+    trials_finished: int   # COMPLETE or PRUNED while it ran, by every job and worker of the study
     experts_trained: int
     experts_reused: int
 
@@ -584,11 +592,8 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
     storage_url = tune.storage or default_storage()
     storage = open_storage(storage_url, tune.heartbeat_s)
 
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
-              "hyperband": optuna.pruners.HyperbandPruner(min_resource=2),
-              "none": optuna.pruners.NopPruner()}[tune.pruner]
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner,
+        study = optuna.create_study(study_name=study_name, storage=storage, pruner=build_pruner(tune.pruner),
                                     direction="maximize", load_if_exists=True)
     except Exception as exc:
         raise LtexpError(f"cannot create or load study {study_name!r} in {redact(storage_url)}: "
@@ -604,42 +609,45 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
                          f"--study-name (saved: {json.dumps(saved)[:200]})")
     if saved is None:
         study.set_user_attr("ltexp.search_space", json.loads(json.dumps(settings, default=str)))
-    study.sampler = build_sampler(tune.sampler, base.seed, len(study.get_trials(deepcopy=False)))
-    if "://" in storage_url and not storage_url.startswith("sqlite"):
-        # A database server is shared by workers that all pass the same --seed and may start at
-        # the same moment (compose replicas do): identically seeded samplers would propose the
-        # same trials in every worker.
-        study.sampler.reseed_rng()
+    _set_sampler(study, tune.sampler, base.seed, storage_url)
 
-    with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent:
+    # Several jobs share their trained experts through a folder, removed when the study ends.
+    shared = lifecycle.cache_dir() / "tune-experts" / uuid.uuid4().hex if tune.jobs > 1 else None
+    with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent, _removed_at_exit(shared):
         recorded = study.user_attrs.get(PARENT_RUN_ATTR)
         if recorded is None or recorded.startswith("claim:"):
             study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
             parent.log_params({"study_name": study_name, "storage": redact(storage_url), "sampler": tune.sampler,
                                "pruner": tune.pruner, "metric": tune.metric, "n_trials": tune.n_trials,
+                               "jobs": tune.jobs,
                                "search_space": json.dumps(description), **{k: v for k, v in base.data.__dict__.items()},
                                "model": base.model.model, "epochs": base.optim.epochs, "seed": base.seed})
-        objective = Objective(base, space, terms, prep, parent)
+        # --jobs N: this process and N-1 helper processes each take an equal share of its threads.
+        threads = job_threads(torch.get_num_threads(), tune.jobs)
+        torch.set_num_threads(threads)
+        parent.set_tags({"ltexp.jobs": str(tune.jobs), "ltexp.torch_threads": str(threads)})
+        objective = Objective(base, space, terms, prep, parent, cache=ExpertCache(directory=shared))
         budget = TrialBudget(study, storage, storage_url, tune.n_trials)
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        # Display only (read without the budget's lock): trials finished before this worker.
-        bar = CountProgress("tune", "trial", tune.n_trials,
-                            min(tune.n_trials, len(study.get_trials(deepcopy=False, states=finished))), progress)
-
-        def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            # Trials of every worker sharing the study count: one storage read per trial.
-            done = sum(1 for t in study.get_trials(deepcopy=False, states=finished))
-            bar.update(min(done, tune.n_trials), _trial_line(study, trial, tune.metric))
-
+        reporter = TrialReporter(study, tune.n_trials, tune.metric, progress)
+        finished_before = len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED))
         started = time.perf_counter()
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it, with the ETA
+        helpers = TuneJobs([JobArgs(base, tune, study_name, storage_url, parent.run_id, threads, index, shared)
+                            for index in range(1, tune.jobs)])
         try:
-            budget.optimize(objective, callbacks=[report] if progress else [], catch=(LtexpError,),
+            helpers.start()
+            budget.optimize(objective, callbacks=[reporter] if progress else [], catch=(LtexpError,),
                             gc_after_trial=False)
+            optimize_wall = time.perf_counter() - started
+            helpers.wait(lambda: reporter(study, None))
+        except BaseException as exc:
+            # Ctrl-C from a terminal reached the helpers too: they get time to end on their own.
+            helpers.stop(grace_s=10.0 if type(exc) is KeyboardInterrupt else 0.0)
+            raise
         finally:
             optuna.logging.set_verbosity(verbosity)
-            bar.close()
+            reporter.close()
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
@@ -648,13 +656,14 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         counts = _state_counts(study)
         parent.log_metrics({"best_value": best.value, "trials_complete": counts.get("COMPLETE", 0),
                             "trials_pruned": counts.get("PRUNED", 0), "trials_failed": counts.get("FAIL", 0),
-                            "study_wall_s": study_wall,
+                            "study_wall_s": study_wall, "trials_run_here": len(objective.trial_s),
                             # Everything but training and validation scoring, Optuna's ask/tell and
-                            # MLflow's run start/end included: study wall minus compute, per trial.
-                            "overhead_s_per_trial": (study_wall - sum(objective.trial_s) + sum(objective.overhead_s))
+                            # MLflow's run start/end included: this process's wall in the study
+                            # (before it waits for its helper jobs) minus compute, per trial.
+                            "overhead_s_per_trial": (optimize_wall - sum(objective.trial_s) + sum(objective.overhead_s))
                             / max(1, len(objective.trial_s)),
-                            "overhead_fraction": (sum(objective.overhead_s) + study_wall - sum(objective.trial_s))
-                            / study_wall if objective.trial_s else 0.0})
+                            "overhead_fraction": (sum(objective.overhead_s) + optimize_wall - sum(objective.trial_s))
+                            / optimize_wall if objective.trial_s else 0.0})
         log_plots(parent, study)
 
         # The best configuration, evaluated once on test; its experts usually come from the cache.
@@ -674,8 +683,165 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         version, promoted, decision = tracking.register_and_promote(parent.run_id, name, tune.metric, best.value, data_key)
         return TuneResult(parent.run_id, study_name, dict(best.params), float(best.value),
                           {k: v for k, v in result.metrics.items() if k.startswith("test_") and "__" not in k},
-                          version, promoted, decision, len(objective.trial_s), objective.cache.misses,
+                          version, promoted, decision, len(objective.trial_s),
+                          len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED)) - finished_before,
+                          objective.cache.misses,
                           objective.cache.hits)
+
+
+def build_pruner(name: str):
+    """The study's pruner (`--pruner`); a pruner is per process, so every job builds the same one."""
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=2),
+            "none": optuna.pruners.NopPruner}[name]()
+
+
+def _set_sampler(study: optuna.Study, name: str, seed: int, storage_url: str) -> None:
+    study.sampler = build_sampler(name, seed, len(study.get_trials(deepcopy=False)))
+    if "://" in storage_url and not storage_url.startswith("sqlite"):
+        # A database server is shared by workers that all pass the same --seed and may start at
+        # the same moment (compose replicas do): identically seeded samplers would propose the
+        # same trials in every worker.
+        study.sampler.reseed_rng()
+
+
+class TrialReporter:
+    """The progress line (or bar) of a study: one line per trial that finished since this process
+    started, whichever worker ran it (this process, a `--jobs` helper, another machine), read from
+    the storage after each of this process's trials and while it waits for its helpers."""
+
+    FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def __init__(self, study: optuna.Study, n_trials: int, metric: str, enabled: bool):
+        self.n_trials, self.metric = n_trials, metric
+        # Display only (read without the budget's lock): trials finished before this process.
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=self.FINISHED)} if enabled else set()
+        self.bar = CountProgress("tune", "trial", n_trials, min(n_trials, len(self.seen)), enabled)
+        self.enabled = enabled
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
+        """Optuna callback (`trial`: the one this process just ended) and the helpers' poll (None)."""
+        if not self.enabled:
+            return
+        finished = study.get_trials(deepcopy=False, states=self.FINISHED)  # one storage read
+        new = sorted((t for t in finished if t.number not in self.seen), key=lambda t: t.datetime_complete)
+        done = len(finished) - len(new)
+        for t in new:
+            self.seen.add(t.number)
+            done += 1
+            self.bar.update(min(done, self.n_trials), _trial_line(study, t, self.metric))
+        if trial is not None and trial.state not in self.FINISHED:  # FAIL: said, not counted
+            self.bar.update(min(len(finished), self.n_trials), _trial_line(study, trial, self.metric))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def job_threads(threads: int, jobs: int) -> int:
+    """Torch threads for each of `jobs` processes sharing `threads`: an equal share, at least 1."""
+    return max(1, threads // jobs)
+
+
+# Seeds of the helpers' samplers: apart from the command's (--seed) and from each other's.
+JOB_SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True)
+class JobArgs:
+    """What a helper process of `ltexp tune --jobs N` needs (pickled to it by `multiprocessing`)."""
+
+    base: RunConfig
+    tune: TuneConfig
+    study_name: str
+    storage_url: str
+    parent_run_id: str
+    threads: int
+    index: int
+    expert_dir: Path | None  # the jobs' shared expert cache (`ExpertCache.directory`)
+
+
+@contextmanager
+def _removed_at_exit(folder: Path | None):
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def tune_job(args: JobArgs) -> None:
+    """A helper process of `ltexp tune --jobs N`: run trials of the study, nested in the command's
+    parent run, until the study's trial budget is spent. The final test evaluation, the model and
+    its registration are the command's, done once. Exit code 2 on an ltexp error, 130 when
+    interrupted (SIGTERM, like Ctrl-C, fails the running trial and queues it again)."""
+    lifecycle.install_signal_handlers()
+    torch.set_num_threads(args.threads)
+    try:
+        prep = prepare(args.base)
+        space = SearchSpace(prep.data.info.num_classes, args.tune, args.base)
+        storage = open_storage(args.storage_url, args.tune.heartbeat_s)
+        study = optuna.load_study(study_name=args.study_name, storage=storage, pruner=build_pruner(args.tune.pruner))
+        _set_sampler(study, args.tune.sampler, args.base.seed + JOB_SEED_STRIDE * args.index, args.storage_url)
+        objective = Objective(args.base, space, parse_objective(args.tune.metric), prep,
+                              tracking.existing_run(args.parent_run_id), cache=ExpertCache(directory=args.expert_dir))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        TrialBudget(study, storage, args.storage_url, args.tune.n_trials).optimize(
+            objective, catch=(LtexpError,), gc_after_trial=False)
+    except LtexpError as exc:
+        print(f"ltexp: tune job {args.index}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"ltexp: tune job {args.index}: {lifecycle.interrupt_reason(exc)}", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+class TuneJobs:
+    """The helper processes of `ltexp tune --jobs N` (N-1 of them; the command is the first job).
+
+    Spawned, not forked: a fork would copy this process's CUDA context, MLflow's logging threads
+    and open database connections. Each loads the data itself (about as long as importing torch,
+    MLflow and Optuna: seconds) and takes the study's trials through the same `TrialBudget` lock,
+    so the study stops at exactly --n-trials whichever job runs them."""
+
+    def __init__(self, jobs: list[JobArgs]):
+        context = multiprocessing.get_context("spawn")
+        # daemon: a helper never outlives the command (multiprocessing terminates it at exit).
+        self.processes = [context.Process(target=tune_job, args=(job,), name=f"ltexp-tune-job-{job.index}",
+                                          daemon=True) for job in jobs]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def wait(self, poll=None, every_s: float = 1.0) -> None:
+        """Wait for every helper to end (calling `poll` every `every_s` meanwhile); a helper that
+        failed gets a warning: its trials are failed and retried by the others, not lost."""
+        for process in self.processes:
+            while process.is_alive():
+                process.join(every_s)
+                if poll is not None:
+                    poll()
+            if process.exitcode != 0:
+                print(f"ltexp: warning: {process.name} (pid {process.pid}) ended with exit code {process.exitcode}; "
+                      f"its running trial, if any, is retried by the study", file=sys.stderr, flush=True)
+
+    def stop(self, grace_s: float = 10.0, kill_s: float = 60.0) -> None:
+        """End the helpers after this process was interrupted or failed: a Ctrl-C from a terminal
+        reaches them too, so each gets `grace_s` to end on its own, then SIGTERM (its running
+        trial ends KILLED and is queued again), then SIGKILL after `kill_s`."""
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            if process.pid is not None:
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            if process.pid is not None:
+                process.join(kill_s)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
 
 
 def build_sampler(name: str, seed: int, trials_so_far: int):

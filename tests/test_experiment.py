@@ -1,4 +1,5 @@
-"""The split's extra models: the group router's view of the data and the student's teachers."""
+"""The split's extra models (the group router's view of the data, the student's teachers) and the
+expert cache that `ltexp tune --jobs N` shares between its processes."""
 
 import numpy as np
 import torch
@@ -7,7 +8,8 @@ from ltexp.config import resolve_config
 from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages
 from ltexp.data.sources import load_digits_source
-from ltexp.experiment import build_experts, expert_info, expert_view, teacher_targets
+from ltexp.engine import FitResult
+from ltexp.experiment import ExpertCache, build_experts, expert_info, expert_view, teacher_targets
 from ltexp.losses import BalancedSoftmax, Distilled
 from ltexp.methods import ROUTER, STUDENT
 
@@ -71,3 +73,22 @@ def test_each_training_image_is_taught_by_its_own_groups_expert():
     assert targets.tolist() == [[1.0, inf, 2.0, inf], [inf, 3.0, inf, 4.0], [1.0, inf, 2.0, inf],
                                 [inf, 3.0, inf, 4.0]]  # the "other" logit is never a target
     assert np.isfinite(targets.numpy()).sum() == 8
+
+
+def test_an_expert_cache_folder_shares_experts_between_processes(tmp_path):
+    """Two caches on one folder stand for two jobs: what one puts, the other gets, bit for bit."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].running_mean += 0.5  # a buffer, not only parameters
+    result = FitResult(best_val_acc=0.75, best_epoch=3, epochs_run=4, train_time_s=1.5, images_seen=640,
+                       history=[{"epoch": 1, "val_acc": 0.5, "train_loss": float("nan")}], seen_per_class=[[3, 1]],
+                       posthoc={"posthoc_tau": 0.5})
+    writer, reader = ExpertCache(directory=tmp_path / "shared"), ExpertCache(directory=tmp_path / "shared")
+    assert not reader.has("k") and reader.get("k") is None and reader.misses == 1
+    writer.put("k", model, result)
+    assert sorted(p.suffix for p in (tmp_path / "shared").iterdir()) == [".json", ".pt"]  # no partial file left
+    state, got = reader.get("k")
+    assert reader.hits == 1 and set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert got.history[0]["val_acc"] == 0.5 and np.isnan(got.history[0]["train_loss"])
+    assert (got.best_val_acc, got.best_epoch, got.seen_per_class, got.posthoc) == (0.75, 3, [[3, 1]], {"posthoc_tau": 0.5})
+    assert not ExpertCache().has("k")  # without a folder a cache is this process's alone

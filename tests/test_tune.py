@@ -155,6 +155,7 @@ def test_fusion_choices_never_retrain_experts(mlflow_store, tmp_path):
 
 @pytest.mark.parametrize("tune,match", [
     (dict(n_trials=0), "--n-trials 0 must be >= 1"),
+    (dict(jobs=0), r"--jobs 0 must be >= 1 \(trials run at once on this machine\)"),
     (dict(split_max=10), r"--split-max 10 is outside 1..9"),
     (dict(split_min=9, split_max=9, search="num_groups"), "cannot hold 2 distinct split points"),
     (dict(search="momentum"), "unknown --search dimension 'momentum'"),
