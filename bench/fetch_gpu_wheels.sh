@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download into .whl/ the Python wheels that a GPU machine's image lacks for bench/gpu_check.sh:
-# MLflow and Optuna with every dependency the image does not already hold, built for that
+# MLflow, Optuna and plotly with every dependency the image does not already hold, built for that
 # machine (CPython 3.12, manylinux x86-64). The GPU machine has no network, so the wheels travel
 # with the working tree; .whl/ is git-ignored and never committed.
 #
@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 MLFLOW_VERSION="${MLFLOW_VERSION:-3.17.2}"
 OPTUNA_VERSION="${OPTUNA_VERSION:-5.0.0}"
+# Optuna's study plots (ltexp tune logs them; bench/gpu_check.sh's jobs part runs ltexp tune).
+PLOTLY_VERSION="${PLOTLY_VERSION:-$("$PYTHON" -c 'import plotly; print(plotly.__version__)' 2>/dev/null || echo 7.1.0)}"
 MAX_MIB="${MAX_MIB:-60}"
 DEST=.whl
 
@@ -35,7 +37,8 @@ done
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
-  -d "$scratch" "mlflow==$MLFLOW_VERSION" "optuna==$OPTUNA_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
+  -d "$scratch" "mlflow==$MLFLOW_VERSION" "optuna==$OPTUNA_VERSION" "plotly==$PLOTLY_VERSION" \
+  2> >(grep -v "is ignored: it is neither" >&2)
 
 normalise() { tr 'A-Z_.' 'a-z--'; }
 mkdir -p "$DEST"
@@ -50,7 +53,7 @@ done
 count=$(ls "$DEST"/*.whl | wc -l)
 kib=$(du -ck "$DEST"/*.whl | tail -1 | cut -f1)
 dupes=$(ls "$DEST" | cut -d- -f1 | normalise | sort | uniq -d)
-echo "$count wheels, $((kib / 1024)) MiB in $DEST/ (mlflow $MLFLOW_VERSION, optuna $OPTUNA_VERSION)"
+echo "$count wheels, $((kib / 1024)) MiB in $DEST/ (mlflow $MLFLOW_VERSION, optuna $OPTUNA_VERSION, plotly $PLOTLY_VERSION)"
 if [ -n "$dupes" ]; then
   echo "error: two versions of: $dupes" >&2; exit 1
 fi

@@ -5,25 +5,31 @@
 #              pyfunc predicting the same on CPU)
 #   2. mlflow: `mlflow run . -e split --env-manager local -P dataset=cifar100 -P epochs=2` on a generated
 #              CIFAR-100 archive, the run checked (FINISHED, trained on cuda, test metrics logged)
-#   3. bench:  python bench/gpu.py --out $OUT/gpu.json with the time that is left
+#   3. bench:  python bench/gpu.py --out $OUT/gpu.json with the time that is left, less part 4's
+#   4. jobs:   `ltexp tune --jobs 1` vs `--jobs 4` (ResNet-32, generated CIFAR-10-LT exp 0.01, 4 trials of
+#              2 epochs each): whether several trials at once pay off on the GPU (study_wall_s of each)
 #
-#   bash bench/gpu_check.sh              # all three
-#   bash bench/gpu_check.sh bench        # only some parts (tests, mlflow, bench), e.g. to rerun one
+#   bash bench/gpu_check.sh              # all four
+#   bash bench/gpu_check.sh bench        # only some parts (tests, mlflow, jobs, bench), e.g. to rerun one
 #
 # The GPU image has PyTorch but not MLflow/Optuna: their wheels travel in .whl/ (made here by
 # bench/fetch_gpu_wheels.sh) and are installed into /tmp/site. Results go to $OUT (the device
 # tool's output folder; ./gpu-check-out elsewhere): summary.txt, pytest.log, mlflow_run.log,
-# mlflow_run.json, bench.log, gpu.json, env.txt. Exit status 0 only if every part passed.
+# mlflow_run.json, jobs.log, bench.log, gpu.json, env.txt (8 files: the device tool's limit). Exit status 0 only if every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
 STARTED=$SECONDS
-BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"   # whole script; the benchmark gets what the other parts leave
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"   # whole script; the benchmark gets what the other parts leave
 OUT="${OUT:-$REPO/gpu-check-out}"
 WORK="${GPU_CHECK_WORK:-/tmp/ltexp-gpu-check}"
-PARTS="${*:-tests mlflow bench}"
+PARTS="${*:-tests mlflow bench jobs}"
+JOBS_RESERVE_S=120   # part 4: the archive (4 s on the 2-core VM) and two studies of at most 55 s each
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 GIT_PYTHON_REFRESH=quiet MPLBACKEND=Agg
+# The CIFAR archives below are generated (tests/conftest.py), not the published files whose MD5
+# ltexp checks before reading: let it read them.
+export LTEXP_UNVERIFIED_CIFAR=1
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 note() { echo "[gpu_check $((SECONDS - STARTED)) s] $*" | tee -a "$SUMMARY"; }
@@ -105,10 +111,12 @@ PY
   unset MLFLOW_TRACKING_URI
 fi
 
-# --- 3. the benchmark, with what is left of the budget ----------------------------------------------
+# --- 3. the benchmark, with what is left of the budget (less what part 4 needs) ----------------------
 if [[ " $PARTS " == *" bench "* ]]; then
   t0=$SECONDS
-  left=$((BUDGET_S - (SECONDS - STARTED)))
+  reserve=0
+  [[ " $PARTS " == *" jobs "* ]] && reserve=$JOBS_RESERVE_S
+  left=$((BUDGET_S - (SECONDS - STARTED) - reserve))
   [ $left -lt 150 ] && left=150   # below this even the uncompiled sections do not fit
   timeout $((left + 90)) python3 bench/gpu.py --budget-s "$left" --out "$OUT/gpu.json" >"$OUT/bench.log" 2>&1
   rc=$?
@@ -119,6 +127,52 @@ import json; r = json.load(open('$OUT/gpu.json')); print(json.dumps(r['targets']
   else
     note "bench: FAIL rc=$rc ($((SECONDS - t0)) s): $(tail -3 "$OUT/bench.log" | tr '\n' ' ' | cut -c1-400)"; FAILED=1
   fi
+fi
+
+# --- 4. ltexp tune --jobs 1 vs --jobs N on one device (the time kept for it: JOBS_RESERVE_S) --------
+if [[ " $PARTS " == *" jobs "* ]]; then
+  t0=$SECONDS
+  rm -rf "$WORK/jobs" && mkdir -p "$WORK/jobs"
+  python3 -c "
+import sys; from pathlib import Path; sys.path.insert(0, 'tests')
+from conftest import write_cifar_archive
+write_cifar_archive(Path('$WORK/jobs/data'), 'cifar10', ${GPU_CHECK_JOBS_PER_CLASS:-5000}, 100)
+" >"$OUT/jobs.log" 2>&1
+  export MLFLOW_TRACKING_URI="sqlite:///$WORK/jobs/mlflow.db"
+  rc=0
+  for jobs in 1 ${GPU_CHECK_JOBS_N:-4}; do
+    # GPU_CHECK_JOBS_ARGS: e.g. "--model smallcnn --device cpu" to rehearse on a CPU.
+    timeout "${GPU_CHECK_JOBS_TIMEOUT:-55}" python3 -m ltexp tune --dataset cifar10 --data-dir "$WORK/jobs/data" \
+      --download false --model resnet32 --epochs 2 --lws-epochs 1 --n-trials 4 --pruner none --no-progress \
+      --study-name "jobs$jobs" --storage "sqlite:///$WORK/jobs/optuna.db" --model-name "jobs$jobs" --jobs "$jobs" \
+      ${GPU_CHECK_JOBS_ARGS:-} >>"$OUT/jobs.log" 2>&1 || rc=$?
+  done
+  python3 - >>"$OUT/jobs.log" 2>&1 <<'PY'
+import json
+import mlflow
+rows = []
+for run in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`ltexp.role` = 'tune'", order_by=["attributes.start_time"]):
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    rows.append({"jobs": int(run.data.params["jobs"]), "status": run.info.status, "device": run.data.tags.get("ltexp.device"),
+                 "study_wall_s": run.data.metrics.get("study_wall_s"), "trials": len(trials),
+                 "processes": len({t.data.tags.get("ltexp.pid") for t in trials}),
+                 "trial_s_mean": sum((t.info.end_time - t.info.start_time) / 1000 for t in trials) / max(1, len(trials))})
+if len(rows) == 2 and all(r["study_wall_s"] for r in rows):
+    # Trials run at once vs one at a time: wall of the study, and trial throughput (trials per
+    # second of one job times the jobs; N would mean the device had room for N trials at once).
+    rows.append({"jobs_over_one_wall": rows[1]["study_wall_s"] / rows[0]["study_wall_s"],
+                 "trial_throughput_gain": rows[1]["jobs"] * rows[0]["trial_s_mean"] / rows[1]["trial_s_mean"]})
+print("RESULT", json.dumps(rows))
+PY
+  grep "RESULT" "$OUT/jobs.log" | tail -1
+  if [ $rc = 0 ] && grep -q '"jobs_over_one_wall"' "$OUT/jobs.log"; then
+    note "jobs: PASS ($((SECONDS - t0)) s): $(grep RESULT "$OUT/jobs.log" | tail -1 | cut -c8-600)"
+  else
+    note "jobs: FAIL rc=$rc ($((SECONDS - t0)) s): $(tail -3 "$OUT/jobs.log" | tr '\n' ' ' | cut -c1-400)"; FAILED=1
+  fi
+  unset MLFLOW_TRACKING_URI
 fi
 
 note "done in $((SECONDS - STARTED)) s; $([ $FAILED = 0 ] && echo 'all parts passed' || echo 'SOME PARTS FAILED')"

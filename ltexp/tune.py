@@ -625,7 +625,8 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         # --jobs N: this process and N-1 helper processes each take an equal share of its threads.
         threads = job_threads(torch.get_num_threads(), tune.jobs)
         torch.set_num_threads(threads)
-        parent.set_tags({"ltexp.jobs": str(tune.jobs), "ltexp.torch_threads": str(threads)})
+        parent.set_tags({"ltexp.jobs": str(tune.jobs), "ltexp.torch_threads": str(threads),
+                         "ltexp.device": str(prep.device)})
         objective = Objective(base, space, terms, prep, parent, cache=ExpertCache(directory=shared))
         budget = TrialBudget(study, storage, storage_url, tune.n_trials)
         reporter = TrialReporter(study, tune.n_trials, tune.metric, progress)

@@ -46,6 +46,7 @@ def test_two_jobs_share_the_study_and_run_trials_at_once(mlflow_store, tmp_path,
     (parent,) = _runs("tune")
     assert parent.info.status == "FINISHED" and parent.data.params["jobs"] == "2"
     assert parent.data.tags["ltexp.jobs"] == "2" and parent.data.tags["ltexp.torch_threads"] == "1"
+    assert parent.data.tags["ltexp.device"] == "cpu"
     runs = _runs("trial")
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
