@@ -826,7 +826,7 @@ class TuneJobs:
                 print(f"ltexp: warning: {process.name} (pid {process.pid}) ended with exit code {process.exitcode}; "
                       f"its running trial, if any, is retried by the study", file=sys.stderr, flush=True)
 
-    def stop(self, grace_s: float = 10.0, kill_s: float = 60.0) -> None:
+    def stop(self, grace_s: float = 10.0, kill_s: float = 30.0) -> None:
         """End the helpers after this process was interrupted or failed: a Ctrl-C from a terminal
         reaches them too, so each gets `grace_s` to end on its own, then SIGTERM (its running
         trial ends KILLED and is queued again), then SIGKILL after `kill_s`."""
@@ -841,6 +841,9 @@ class TuneJobs:
             if process.pid is not None:
                 process.join(kill_s)
                 if process.is_alive():
+                    print(f"ltexp: warning: {process.name} (pid {process.pid}) did not end {kill_s:g} s after "
+                          f"SIGTERM: killed; its trial is retried by the study's next session", file=sys.stderr,
+                          flush=True)
                     process.kill()
                     process.join()
 

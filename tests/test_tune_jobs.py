@@ -1,20 +1,23 @@
 """`ltexp tune --jobs N`: N worker processes on one machine share the study, its trial budget and
 its parent run; the command evaluates and registers the best once; a SIGTERM ends every job."""
 
+import fcntl
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltexp.config import TuneConfig, resolve_config
 from ltexp import lifecycle
+from ltexp.config import TuneConfig, resolve_config
 from ltexp.lifecycle import pid_alive
 from ltexp.tune import job_threads, run_study
 
@@ -26,6 +29,28 @@ def _runs(role):
                               filter_string=f"tags.`ltexp.role` = '{role}'")
 
 
+def _release_when_another_process_opens(lock, wait_s: float) -> None:
+    """Unlock `lock` (an open, flock-ed file) once a process other than this one has the same file
+    open, i.e. waits in `TrialBudget.take` for it (at most `wait_s`)."""
+    path, deadline = os.path.realpath(lock.name), time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        opened = False
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            if fd.parts[2] == str(os.getpid()):
+                continue
+            try:
+                opened = os.readlink(fd) == path
+            except OSError:  # the process or descriptor went away meanwhile
+                continue
+            if opened:
+                break
+        if opened:
+            break
+        time.sleep(0.05)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+
+
 def test_job_threads_split_the_command_threads():
     assert [job_threads(4, jobs) for jobs in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
 
@@ -35,11 +60,17 @@ def test_two_jobs_share_the_study_and_run_trials_at_once(mlflow_store, tmp_path,
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the command's threads, whatever xdist gave
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # 8 epochs a trial: the helper (a spawned interpreter that loads the data itself, ~10 s here)
-    # joins while this process still has trials to run.
-    cfg = resolve_config({"optim": {"epochs": 8}, "method": {"method": "split", "lws_epochs": 1}})
+    # The helper is a spawned interpreter that loads the data itself (7 s on an idle 2-core VM, more
+    # under CI load): time enough for this process to run every trial alone. So the test holds the
+    # study's trial-budget lock until the helper waits for it too, then lets both go.
+    lock = open(tmp_path / "optuna.db.ltexp-lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=_release_when_another_process_opens, args=(lock, 300.0), daemon=True)
+    waiting.start()
+    cfg = resolve_config({"optim": {"epochs": 6}, "method": {"method": "split", "lws_epochs": 1}})
     result = run_study(cfg, TuneConfig(n_trials=6, jobs=2, storage=storage, study_name="jobs", pruner="none"),
                        progress=False)
+    waiting.join()
 
     trials = optuna.load_study(study_name="jobs", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 6  # the shared budget: exactly --n-trials
@@ -76,11 +107,13 @@ def test_sigterm_ends_every_job_and_queues_their_trials_again(subprocess_env, tm
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     store = subprocess_env["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
+    # Running trials that have logged an epoch: both jobs are training, where a SIGTERM usually lands.
     query = ("SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'ltexp.pid' "
-             "JOIN tags n ON n.run_uuid = r.run_uuid AND n.key = 'ltexp.trial_number' WHERE r.status = 'RUNNING'")
+             "JOIN tags n ON n.run_uuid = r.run_uuid AND n.key = 'ltexp.trial_number' WHERE r.status = 'RUNNING' "
+             "AND EXISTS (SELECT 1 FROM metrics m WHERE m.run_uuid = r.run_uuid)")
     pids: set[str] = set()
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(pids) < 2:  # both jobs inside a trial
+    while time.time() < deadline and proc.poll() is None and len(pids) < 2:
         time.sleep(0.5)
         try:
             with sqlite3.connect(store) as conn:
@@ -92,7 +125,7 @@ def test_sigterm_ends_every_job_and_queues_their_trials_again(subprocess_env, tm
     assert proc.wait(timeout=120) == 143
     err = proc.stderr.read()
     assert "Traceback" not in err, err[-3000:]
-    assert "ltexp: tune job 1: terminated by signal SIGTERM" in err and "ltexp: terminated by signal SIGTERM" in err
+    assert "ltexp: tune job 1: terminated by signal SIGTERM" in err and "ltexp: terminated by signal SIGTERM" in err, err
     helper = (pids - {str(proc.pid)}).pop()
     assert not pid_alive(int(helper))
     assert not list((lifecycle.cache_dir() / "tune-experts").glob("*"))  # the shared expert folder too
