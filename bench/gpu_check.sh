@@ -33,6 +33,12 @@ export LTEXP_UNVERIFIED_CIFAR=1
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 note() { echo "[gpu_check $((SECONDS - STARTED)) s] $*" | tee -a "$SUMMARY"; }
+# archive DIR NAME TRAIN_PER_CLASS: a generated CIFAR-format archive (tests/conftest.py), 100 test images per class
+archive() {
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests')
+from conftest import write_cifar_archive
+write_cifar_archive(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 100)" "$@"
+}
 
 # --- environment: carried wheels, `python` for MLproject commands, the repository on the path ----
 if ! python3 -c "import mlflow, optuna" 2>/dev/null; then
@@ -73,11 +79,7 @@ fi
 if [[ " $PARTS " == *" mlflow "* ]]; then
   t0=$SECONDS
   rm -rf "$WORK/mlflow" && mkdir -p "$WORK/mlflow"
-  python3 -c "
-import sys; from pathlib import Path; sys.path.insert(0, 'tests')
-from conftest import write_cifar_archive
-write_cifar_archive(Path('$WORK/mlflow/data'), 'cifar100', ${GPU_CHECK_PER_CLASS:-500}, 100)  # CIFAR-100: 500 / 100 per class
-" >"$OUT/mlflow_run.log" 2>&1
+  archive "$WORK/mlflow/data" cifar100 "${GPU_CHECK_PER_CLASS:-500}" >"$OUT/mlflow_run.log" 2>&1  # 500 / 100 per class
   export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow/mlflow.db"
   # GPU_CHECK_MLFLOW_ARGS: extra flags, e.g. "-P model=smallcnn -P device=cpu" to rehearse on a CPU.
   timeout "${GPU_CHECK_MLFLOW_TIMEOUT:-200}" python3 -m mlflow run . -e split --env-manager local -P dataset=cifar100 -P epochs=2 \
@@ -133,11 +135,7 @@ fi
 if [[ " $PARTS " == *" jobs "* ]]; then
   t0=$SECONDS
   rm -rf "$WORK/jobs" && mkdir -p "$WORK/jobs"
-  python3 -c "
-import sys; from pathlib import Path; sys.path.insert(0, 'tests')
-from conftest import write_cifar_archive
-write_cifar_archive(Path('$WORK/jobs/data'), 'cifar10', ${GPU_CHECK_JOBS_PER_CLASS:-5000}, 100)
-" >"$OUT/jobs.log" 2>&1
+  archive "$WORK/jobs/data" cifar10 "${GPU_CHECK_JOBS_PER_CLASS:-5000}" >"$OUT/jobs.log" 2>&1
   export MLFLOW_TRACKING_URI="sqlite:///$WORK/jobs/mlflow.db"
   rc=0
   for jobs in 1 ${GPU_CHECK_JOBS_N:-4}; do

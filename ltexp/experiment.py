@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 import zlib
@@ -129,8 +128,8 @@ class ExpertCache:
 
     `directory`: also kept there, for the processes of one `ltexp tune --jobs N` (one machine), so
     that an expert one job trained is reused by the others and by the command's final test
-    evaluation. One weights file (`<hash>.pt`, CPU tensors) and one `<hash>.json` (its `FitResult`)
-    per expert; the command removes the folder when the study ends."""
+    evaluation. One file per expert (`<hash>.pt`: its CPU weights and its `FitResult` as a dict,
+    written whole by `lifecycle.save_whole`); the command removes the folder when the study ends."""
 
     entries: dict = field(default_factory=dict)
     hits: int = 0
@@ -138,15 +137,14 @@ class ExpertCache:
     directory: Path | None = None
 
     def _path(self, key: str) -> Path:
-        return self.directory / hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
     def _load(self, key: str) -> bool:
-        """Read an expert another process put into `directory` (weights written last: complete)."""
-        if self.directory is None or not self._path(key).with_suffix(".pt").exists():
+        """Read an expert another process put into `directory`."""
+        if self.directory is None or not self._path(key).exists():
             return False
-        path = self._path(key)
-        state = torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True)
-        self.entries[key] = (state, FitResult(**json.loads(path.with_suffix(".json").read_text())))
+        saved = torch.load(self._path(key), map_location="cpu", weights_only=True)
+        self.entries[key] = (saved["state"], FitResult(**saved["result"]))
         return True
 
     def has(self, key: str) -> bool:
@@ -162,16 +160,8 @@ class ExpertCache:
     def put(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
         self.entries[key] = (copy.deepcopy(model.state_dict()), result)
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self._path(key)
-            # Each file renamed into place whole; the weights last, so a reader that sees them
-            # finds the result too.
-            for suffix, write in ((".json", lambda f: f.write_text(json.dumps(dataclasses.asdict(result)))),
-                                  (".pt", lambda f: torch.save({k: v.detach().cpu() for k, v in
-                                                                self.entries[key][0].items()}, f))):
-                part = path.with_name(f"{path.name}{suffix}.{os.getpid()}.part")
-                write(part)
-                os.replace(part, path.with_suffix(suffix))
+            lifecycle.save_whole({"state": {k: v.detach().cpu() for k, v in self.entries[key][0].items()},
+                                  "result": dataclasses.asdict(result)}, self._path(key))
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,

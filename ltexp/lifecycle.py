@@ -189,10 +189,7 @@ class Checkpointer:
                  "model": model.state_dict(), "generator": generator.get_state().cpu(), "rng": _rng_states(),
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None, **loop}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # atomic: a kill during the write leaves the previous checkpoint
+        save_whole(state, self.path)  # a kill during the write leaves the previous checkpoint
         return True
 
     def finish(self, model: torch.nn.Module, generator: torch.Generator, loop: dict) -> None:
@@ -203,6 +200,15 @@ class Checkpointer:
     def clear(self) -> None:
         """Remove the checkpoint (the run it belongs to has ended)."""
         self.path.unlink(missing_ok=True)
+
+
+def save_whole(obj, path: Path) -> None:
+    """`torch.save` to `path` atomically: written beside it, then renamed over it, so neither a
+    kill during the write nor a reader in another process ever sees part of a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

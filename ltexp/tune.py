@@ -630,7 +630,6 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         objective = Objective(base, space, terms, prep, parent, cache=ExpertCache(directory=shared))
         budget = TrialBudget(study, storage, storage_url, tune.n_trials)
         reporter = TrialReporter(study, tune.n_trials, tune.metric, progress)
-        finished_before = len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED))
         started = time.perf_counter()
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it, with the ETA
@@ -685,7 +684,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         return TuneResult(parent.run_id, study_name, dict(best.params), float(best.value),
                           {k: v for k, v in result.metrics.items() if k.startswith("test_") and "__" not in k},
                           version, promoted, decision, len(objective.trial_s),
-                          len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED)) - finished_before,
+                          len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED)) - reporter.finished_before,
                           objective.cache.misses,
                           objective.cache.hits)
 
@@ -715,9 +714,11 @@ class TrialReporter:
 
     def __init__(self, study: optuna.Study, n_trials: int, metric: str, enabled: bool):
         self.n_trials, self.metric = n_trials, metric
-        # Display only (read without the budget's lock): trials finished before this process.
-        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=self.FINISHED)} if enabled else set()
-        self.bar = CountProgress("tune", "trial", n_trials, min(n_trials, len(self.seen)), enabled)
+        # Trials finished before this process (read without the budget's lock: display and the
+        # command's count of trials finished while it ran).
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=self.FINISHED)}
+        self.finished_before = len(self.seen)
+        self.bar = CountProgress("tune", "trial", n_trials, min(n_trials, self.finished_before), enabled)
         self.enabled = enabled
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
