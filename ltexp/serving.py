@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 
 import numpy as np
 from mlflow.exceptions import MlflowException
@@ -70,6 +69,9 @@ def _guard_request_parsing() -> None:
     scoring_server._parse_json_data = parse
 
 
+SERVER_MODEL_PATH_VARIABLE = "__pyfunc_model_path__"
+
+
 class FusedExpertsModel(PythonModel):
     """predict(images) -> DataFrame(label, class_name, score[, probabilities])."""
 
@@ -79,7 +81,10 @@ class FusedExpertsModel(PythonModel):
 
         device = resolve_device(os.environ.get("LTEXP_SERVE_DEVICE", "cpu"))
         self.predictor = FusedPredictor.load(context.artifacts["predictor"], device=device)
-        if "mlflow.pyfunc.scoring_server" in sys.modules:
+        # `mlflow models serve` starts its workers with the model's path in this variable
+        # (`scoring_server._SERVER_MODEL_PATH`). The scoring server's module alone is no sign: a
+        # training process imports it too when it logs the model with an input example.
+        if os.environ.get(SERVER_MODEL_PATH_VARIABLE):
             # Under `mlflow models serve`: the ~450k objects of torch/MLflow/pandas loaded so far
             # never die; freezing them keeps the collector from rescanning them on every request
             # (measured in bench/serve.py: 152 -> 48 ms server CPU per 256-image JSON request).

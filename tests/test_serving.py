@@ -147,3 +147,14 @@ def test_malformed_requests_get_400(served, body):
                              timeout=30)
     assert response.status_code == 400, (body[:50], response.status_code, response.text[:300])
     assert len(response.json()["message"]) <= 1100
+
+
+def test_the_model_knows_a_serving_worker_by_mlflows_own_variable():
+    # load_context freezes the heap and guards request parsing only in `mlflow models serve`'s
+    # workers, which MLflow starts with the model path in this variable; a process that merely
+    # logged or loaded the model (its scoring-server module imported) must stay as it was.
+    from mlflow.pyfunc import scoring_server
+
+    from ltexp import serving
+
+    assert serving.SERVER_MODEL_PATH_VARIABLE == scoring_server._SERVER_MODEL_PATH
