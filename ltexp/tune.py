@@ -17,6 +17,7 @@ folder).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -637,8 +638,9 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
                             for index in range(1, tune.jobs)])
         try:
             helpers.start()
-            budget.optimize(objective, callbacks=[reporter] if progress else [], catch=(LtexpError,),
-                            gc_after_trial=False)
+            with frozen_heap():
+                budget.optimize(objective, callbacks=[reporter] if progress else [], catch=(LtexpError,),
+                                gc_after_trial=False)
             optimize_wall = time.perf_counter() - started
             helpers.wait(lambda: reporter(study, None))
         except BaseException as exc:
@@ -771,6 +773,25 @@ def _removed_at_exit(folder: Path | None):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextmanager
+def frozen_heap():
+    """Keep the objects alive at entry out of Python's full garbage collections while the block
+    runs (`gc.freeze`), and give them back at exit (`gc.unfreeze`).
+
+    For a study's trials: importing torch, MLflow, Optuna and SQLAlchemy leaves about 500,000
+    tracked objects, and every full collection walks them all, 0.13-0.45 s each on the 2-core VM,
+    several times per study at random points of its trials. Inside the block a full collection
+    walks only the objects made since (0.02-0.08 s). Tuning bookkeeping per trial, ten digits
+    studies each: median 0.120 s before, 0.080 s with it (README, "Tuning bookkeeping"). The young
+    generations are collected first, so little garbage is frozen; what is, is collected after."""
+    gc.collect(1)
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def tune_job(args: JobArgs) -> None:
     """A helper process of `ltexp tune --jobs N`: run trials of the study, nested in the command's
     parent run, until the study's trial budget is spent. The final test evaluation, the model and
@@ -787,8 +808,9 @@ def tune_job(args: JobArgs) -> None:
         objective = Objective(args.base, space, parse_objective(args.tune.metric), prep,
                               tracking.existing_run(args.parent_run_id), cache=ExpertCache(directory=args.expert_dir))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        TrialBudget(study, storage, args.storage_url, args.tune.n_trials).optimize(
-            objective, catch=(LtexpError,), gc_after_trial=False)
+        with frozen_heap():
+            TrialBudget(study, storage, args.storage_url, args.tune.n_trials).optimize(
+                objective, catch=(LtexpError,), gc_after_trial=False)
     except LtexpError as exc:
         print(f"ltexp: tune job {args.index}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
         sys.exit(2)
