@@ -393,7 +393,7 @@ class TuneResult:
     decision: str
     trials_run: int        # by this process
     trials_finished: int   # COMPLETE or PRUNED while it ran, by every job and worker of the study
-    experts_trained: int
+    experts_trained: int   # by every job of this command, the test evaluation included
     experts_reused: int
 
 
@@ -677,7 +677,11 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
                            "ltexp.best.fusion": best_cfg.split.fusion, "ltexp.best.clip_norm": str(best_cfg.optim.clip_norm)})
         result = execute(best_cfg, parent, prep, cache=objective.cache, expert_runs=False, shared_run=True)
         # Counted after the test evaluation, whose experts come from the cache too: what is printed.
-        parent.log_metrics({"experts_trained": objective.cache.misses, "experts_reused": objective.cache.hits})
+        # Every job's experts: this process's and its helpers'.
+        helpers_trained, helpers_reused = helpers.experts()
+        experts_trained = objective.cache.misses + helpers_trained
+        experts_reused = objective.cache.hits + helpers_reused
+        parent.log_metrics({"experts_trained": experts_trained, "experts_reused": experts_reused})
         tracking.flush()
         name = tune.model_name or default_model_name(base.data.dataset)
         data_key = "|".join(str(getattr(base.data, f)) for f in ("dataset", "imb_type", "imb_factor", "val_source",
@@ -687,8 +691,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
                           {k: v for k, v in result.metrics.items() if k.startswith("test_") and "__" not in k},
                           version, promoted, decision, len(objective.trial_s),
                           len(study.get_trials(deepcopy=False, states=TrialReporter.FINISHED)) - reporter.finished_before,
-                          objective.cache.misses,
-                          objective.cache.hits)
+                          experts_trained, experts_reused)
 
 
 def build_pruner(name: str):
@@ -792,13 +795,17 @@ def frozen_heap():
         gc.unfreeze()
 
 
-def tune_job(args: JobArgs) -> None:
+def tune_job(args: JobArgs, expert_counts=None) -> None:
     """A helper process of `ltexp tune --jobs N`: run trials of the study, nested in the command's
     parent run, until the study's trial budget is spent. The final test evaluation, the model and
     its registration are the command's, done once. Exit code 2 on an ltexp error, 130 when
-    interrupted (SIGTERM, like Ctrl-C, fails the running trial and queues it again)."""
+    interrupted (SIGTERM, like Ctrl-C, fails the running trial and queues it again).
+
+    `expert_counts`: a shared array (`TuneJobs`) where this job leaves how many experts it
+    trained and reused, at slots 2 * (index - 1) and the next, whichever way it ends."""
     lifecycle.install_signal_handlers()
     torch.set_num_threads(args.threads)
+    cache = ExpertCache(directory=args.expert_dir)
     try:
         prep = prepare(args.base)
         space = SearchSpace(prep.data.info.num_classes, args.tune, args.base)
@@ -806,7 +813,7 @@ def tune_job(args: JobArgs) -> None:
         study = optuna.load_study(study_name=args.study_name, storage=storage, pruner=build_pruner(args.tune.pruner))
         _set_sampler(study, args.tune.sampler, args.base.seed + JOB_SEED_STRIDE * args.index, args.storage_url)
         objective = Objective(args.base, space, parse_objective(args.tune.metric), prep,
-                              tracking.existing_run(args.parent_run_id), cache=ExpertCache(directory=args.expert_dir))
+                              tracking.existing_run(args.parent_run_id), cache=cache)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with frozen_heap():
             TrialBudget(study, storage, args.storage_url, args.tune.n_trials).optimize(
@@ -817,6 +824,9 @@ def tune_job(args: JobArgs) -> None:
     except KeyboardInterrupt as exc:
         print(f"ltexp: tune job {args.index}: {lifecycle.interrupt_reason(exc)}", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        if expert_counts is not None:
+            expert_counts[2 * (args.index - 1): 2 * args.index] = [cache.misses, cache.hits]
 
 
 class TuneJobs:
@@ -829,9 +839,16 @@ class TuneJobs:
 
     def __init__(self, jobs: list[JobArgs]):
         context = multiprocessing.get_context("spawn")
+        # Experts trained and reused by each helper, in pairs, written by the helper as it ends.
+        self.expert_counts = context.Array("q", 2 * len(jobs))
         # daemon: a helper never outlives the command (multiprocessing terminates it at exit).
-        self.processes = [context.Process(target=tune_job, args=(job,), name=f"ltexp-tune-job-{job.index}",
-                                          daemon=True) for job in jobs]
+        self.processes = [context.Process(target=tune_job, args=(job, self.expert_counts),
+                                          name=f"ltexp-tune-job-{job.index}", daemon=True) for job in jobs]
+
+    def experts(self) -> tuple[int, int]:
+        """Experts trained and reused by all helpers together (read once they have ended)."""
+        counts = self.expert_counts[:]
+        return sum(counts[0::2]), sum(counts[1::2])
 
     def start(self) -> None:
         for process in self.processes:

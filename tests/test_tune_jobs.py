@@ -95,6 +95,11 @@ def test_two_jobs_share_the_study_and_run_trials_at_once(mlflow_store, tmp_path,
     assert not pid_alive(int(helper_pid))  # the helper ended with the study
     # The jobs' shared expert folder is gone with the study.
     assert not list((lifecycle.cache_dir() / "tune-experts").glob("*"))
+    # Every job's experts are counted: 6 trials of 2 experts, and the 2 of the test evaluation,
+    # each either trained or taken from the cache (before, the helper's were left out).
+    assert result.experts_trained + result.experts_reused == 6 * 2 + 2
+    assert (parent.data.metrics["experts_trained"], parent.data.metrics["experts_reused"]) == \
+        (result.experts_trained, result.experts_reused)
     # The best model is evaluated and registered once, by the command.
     assert "test_acc" in parent.data.metrics
     assert [int(v.version) for v in MlflowClient().search_model_versions("name = 'ltexp-digits'")] == [1]
