@@ -13,6 +13,14 @@ on ltexp's device pipeline (bench/pipeline.py's synthetic CIFAR-shaped set, `lte
     python bench/threads.py                            # resnet32, batch 128, threads 1,2, compete 0,1
     python bench/threads.py --arch resnet18 --threads 1,2,4 --compete 0,1,2
 
+`--experts T` instead compares two ways to train the two experts of a split on T threads: one
+after the other with T torch threads each (what `ltexp train --method split` does), and both at
+once from two Python threads with T/2 torch threads each (`torch.set_num_threads` is per process).
+Each expert is its own model with its own batches; `--steps` timed steps each, `--repeat` times,
+the two ways taking turns. It prints both walls and their ratio.
+
+    python bench/threads.py --experts 2 --repeat 3     # the CPU side of "experts concurrently?"
+
 Numbers depend on what else runs on the machine: compare rows of one run only.
 """
 
@@ -23,6 +31,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +67,65 @@ def measure(arch: str, batch: int, threads: int, warmup: int, steps: int, images
     return result
 
 
+def expert_streams(arch: str, batch: int, images, experts: int = 2):
+    """`experts` models (each seeded alike, as bench/pipeline.py builds them) with their own batch
+    streams (seeds 0, 1, ...)."""
+    images_nhwc, labels = images
+    train = DeviceImages.from_numpy(images_nhwc, labels, "cpu")
+    out = []
+    for seed in range(experts):
+        model, optimizer = pipeline.build_model_and_optimizer(arch, images_nhwc, torch.device("cpu"))
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        out.append((model, optimizer, pipeline.ltexp_forever(train, build_sampler("instance"),
+                                                              build_augment("crop_flip", 32), generator, batch)))
+    return out
+
+
+def measure_experts(arch: str, batch: int, threads: int, warmup: int, steps: int, images, concurrent: bool) -> float:
+    """Wall seconds for two experts' `steps` steps each (after `warmup` untimed ones each): in turn
+    on `threads` threads, or at once from two Python threads on `threads // 2` each (at least 1)."""
+    torch.set_num_threads(max(1, threads // 2) if concurrent else threads)
+    experts = expert_streams(arch, batch, images)
+    device = torch.device("cpu")
+    for model, optimizer, stream in experts:
+        for _ in range(warmup):
+            pipeline.train_step(model, optimizer, *next(stream), device)
+    started = time.perf_counter()
+    if concurrent:
+        workers = [threading.Thread(target=pipeline.time_training, args=(model, optimizer, stream, device, 0, steps))
+                   for model, optimizer, stream in experts]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    else:
+        for model, optimizer, stream in experts:
+            pipeline.time_training(model, optimizer, stream, device, 0, steps)
+    seconds = time.perf_counter() - started
+    for _, _, stream in experts:
+        stream.close()
+    return seconds
+
+
+def main_experts(args, images) -> list[dict]:
+    rows = []
+    print(f"two experts, {args.arch}, batch {args.batch_size}, {args.steps} steps each, {args.experts} threads; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    for repeat in range(args.repeat):
+        row = {"repeat": repeat, "threads": args.experts}
+        for concurrent in (False, True):
+            row["concurrent_s" if concurrent else "sequential_s"] = measure_experts(
+                args.arch, args.batch_size, args.experts, args.warmup, args.steps, images, concurrent)
+        row["concurrent_over_sequential"] = row["concurrent_s"] / row["sequential_s"]
+        rows.append(row)
+        print(f"sequential {row['sequential_s']:.2f} s, concurrent {row['concurrent_s']:.2f} s: "
+              f"concurrent/sequential {row['concurrent_over_sequential']:.2f}", flush=True)
+    if args.json:
+        print(json.dumps({"arch": args.arch, "batch": args.batch_size, "experts": rows}))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="CPU img/s by torch thread count, with competing processes.")
     parser.add_argument("--arch", default="resnet32", choices=["resnet18", "resnet32", "smallcnn"])
@@ -66,9 +134,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compete", default="0,1", help="comma-separated numbers of busy processes (default: 0,1)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=0, metavar="T",
+                        help="compare two experts trained in turn vs at once, on T threads (see above)")
+    parser.add_argument("--repeat", type=int, default=1, help="--experts: measurements of each way")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     images_nhwc, labels, _ = pipeline.make_synthetic_data(max(2048, 4 * args.batch_size))
+    if args.experts:
+        return main_experts(args, (images_nhwc, labels))
     rows = []
     print(f"{args.arch}, batch {args.batch_size}, {args.steps} timed steps; CPUs available: "
           f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
