@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable
 
 from ltexp import LtexpError
+from ltexp.concurrency import EXPERT_CONCURRENCY
 from ltexp.data.device import AUGMENTS
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import DATASETS
@@ -240,6 +241,10 @@ class SplitConfig:
                                          when=lambda cfg: _is_split(cfg) and cfg.split.distill)
     distill_weight: float = setting(1.0, "split, distill: weight of the teaching term beside the student's --loss",
                                     when=lambda cfg: _is_split(cfg) and cfg.split.distill)
+    expert_concurrency: str = setting("sequential", "split: sequential (the experts train one after the other) or "
+                                                    "threads (at once, one Python thread each, sharing the torch "
+                                                    "threads; on CUDA each on its own stream)",
+                                      choices=EXPERT_CONCURRENCY, when=_is_split)
     student_sampling: str = setting("instance", "split, distill: the student's sampler: instance (every image once "
                                                 "per epoch), over, under or balanced", choices=STUDENT_SAMPLINGS,
                                     when=lambda cfg: _is_split(cfg) and cfg.split.distill)
@@ -519,6 +524,9 @@ BOOKKEEPING_FIELDS = {
     "alias": "which alias the registered version gets",
     "download": "only whether a missing CIFAR archive is fetched; the images read are the same",
     "device": "which hardware computes; results agree up to floating-point precision",
+    "expert_concurrency": "whether a split's experts train one after the other or at once; each draws from its "
+                          "own seeded generators either way, so results agree up to floating-point rounding "
+                          "(a CPU convolution's sums depend on its thread count, which changes at once)",
     "checkpoint_every": "how often training state is saved; a resumed run ends with the same weights",
     "resume": "whether a saved checkpoint is continued; it ends with the weights of an uninterrupted run",
 }

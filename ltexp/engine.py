@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ltexp import LtexpError
+from ltexp.concurrency import between_steps
 from ltexp.data.device import CropFlip, DeviceImages
 from ltexp.data.longtail import ClassInfo
 from ltexp.data.sampling import build_sampler
@@ -161,7 +162,10 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
             continue  # finished before the checkpoint: its best weights are already in the model
         resuming_stage = resumed is not None and stage_index == resumed["stage_index"]
         if stage.reset_head and not resuming_stage:
-            model.head.reset_classifier()
+            # Its own seeded generator, not torch's global one: experts may train at once in threads.
+            head_generator = torch.Generator(device=device)
+            head_generator.manual_seed(seed * 1009 + stage_index)
+            model.head.reset_classifier(head_generator)
         params = _set_trainable(model, stage.trainable)
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay,
                                     fused=device.type == "cuda" or None)
@@ -187,6 +191,7 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             for start in range(0, len(order), batch_size):
+                between_steps()  # experts training at once: Ctrl-C / SIGTERM, their share of threads
                 idx = order[start:start + batch_size]
                 images = augment(train.images[idx], generator)
                 labels = train.labels[idx]

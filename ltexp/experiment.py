@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import lifecycle, plots, tracking
+from ltexp import concurrency, lifecycle, plots, tracking
 from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
@@ -191,10 +191,11 @@ def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_
 
 def new_expert_model(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> torch.nn.Module:
     """An expert's freshly initialised model (seeded by `expert_seed`), on the training device."""
-    torch.manual_seed(expert_seed(cfg, spec))
     mean, std = channel_stats(prep.data.train_images)
-    return build_model(cfg.model.model, prep.data.image_shape, spec.num_outputs, mean, std,
-                       head=method.head).to(prep.device)
+    with concurrency.GLOBAL_RNG:  # seeding and drawing the weights, as one step for each thread
+        torch.manual_seed(expert_seed(cfg, spec))
+        model = build_model(cfg.model.model, prep.data.image_shape, spec.num_outputs, mean, std, head=method.head)
+    return model.to(prep.device)
 
 
 def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", teacher: torch.Tensor | None = None) -> dict:
@@ -385,29 +386,50 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     child_ids: list[str] = []
     checkpoints: list[lifecycle.Checkpointer | None] = []
 
-    def train_one(spec: ExpertSpec, teacher: torch.Tensor | None = None) -> torch.nn.Module:
+    def train_alone(spec: ExpertSpec, teacher: torch.Tensor | None = None):
+        """One model trained: (model, its FitResult, its nested run's id or None, its checkpoint)."""
         # Routers and students are not cached: they depend on the groups / on every teacher.
         reusable = cache if spec.role == EXPERT else None
         if in_parent or not expert_runs:
-            checkpoints.append(checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None)
+            ckpt = checkpointer(cfg, spec, run.run_id, run.run_id) if expert_runs else None
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
-                                            progress, reusable, checkpoints[-1], teacher)
-        else:
-            tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
-            owned = spec.route_names if spec.role == ROUTER else [data.info.class_names[c] for c in spec.classes]
-            with run.child(f"{'expert-' if spec.role == EXPERT else ''}{spec.name}", tags) as child:
-                child.log_params({"expert": spec.name, "classes": ",".join(owned), "other": spec.other,
-                                  **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
-                checkpoints.append(checkpointer(cfg, spec, child.run_id, run.run_id, f"{spec.role} {spec.name}"))
-                model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, reusable,
-                                                checkpoints[-1], teacher)
-                child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
-                                   "best_epoch": result.best_epoch, **result.posthoc})
-                child_ids.append(child.run_id)
+                                            progress, reusable, ckpt, teacher)
+            return model, result, None, ckpt
+        tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
+        owned = spec.route_names if spec.role == ROUTER else [data.info.class_names[c] for c in spec.classes]
+        with run.child(f"{'expert-' if spec.role == EXPERT else ''}{spec.name}", tags) as child:
+            child.log_params({"expert": spec.name, "classes": ",".join(owned), "other": spec.other,
+                              **({"other_per_epoch": spec.other_per_epoch} if spec.other else {})})
+            ckpt = checkpointer(cfg, spec, child.run_id, run.run_id, f"{spec.role} {spec.name}")
+            model, result, _ = train_expert(cfg, method, spec, prep, child.log_epoch, progress, reusable, ckpt,
+                                            teacher)
+            child.log_metrics({"train_time_s": result.train_time_s, "best_val_acc": result.best_val_acc,
+                               "best_epoch": result.best_epoch, **result.posthoc})
+            return model, result, child.run_id, ckpt
+
+    def kept(trained) -> torch.nn.Module:
+        """Record a trained model's result, run and checkpoint, in the order of the experts."""
+        model, result, child_id, ckpt = trained
         results.append(result)
+        checkpoints.append(ckpt)
+        if child_id is not None:
+            child_ids.append(child_id)
         return model
 
-    experts = [train_one(spec) for spec in specs]
+    def train_one(spec: ExpertSpec, teacher: torch.Tensor | None = None) -> torch.nn.Module:
+        return kept(train_alone(spec, teacher))
+
+    # The group experts one after the other, or at once (--expert-concurrency); a study's final
+    # evaluation (no runs of their own) takes its experts from the study's cache.
+    way = concurrency.resolve(cfg.split.expert_concurrency, len(specs)) if expert_runs else concurrency.SEQUENTIAL
+    if len(specs) > 1 and not shared_run:
+        run.set_tags({"ltexp.expert_concurrency": way})
+    if way == concurrency.THREADS:
+        trained = concurrency.run_at_once([lambda spec=spec: train_alone(spec) for spec in specs], device,
+                                          [spec.name for spec in specs])
+        experts = [kept(t) for t in trained]
+    else:
+        experts = [train_one(spec) for spec in specs]
     router_spec, student_spec = method.router(specs), method.student(data.info)
     scorers = experts + ([train_one(router_spec)] if router_spec is not None else [])  # what fusion rules read
     student = None

@@ -32,6 +32,7 @@ import torch
 
 import ltexp
 from ltexp import LtexpError
+from ltexp.concurrency import GLOBAL_RNG
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes; older files are ignored
 
@@ -107,16 +108,18 @@ class Cadence:
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    with GLOBAL_RNG:
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    with GLOBAL_RNG:
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @dataclass

@@ -11,6 +11,8 @@ s_c * (w_c . f + b_c). The scales are ones and frozen unless the method learns t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +41,15 @@ class ScaledLinearHead(nn.Module):
         self.scales = nn.Parameter(torch.ones(num_classes), requires_grad=learn_scales)
         self.register_buffer("offset", torch.zeros(num_classes))
 
-    def reset_classifier(self) -> None:
-        """Re-initialise the linear classifier (classifier re-training starts from scratch)."""
-        self.linear.reset_parameters()
+    def reset_classifier(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise the linear classifier (classifier re-training starts from scratch), with
+        `nn.Linear`'s own distribution, drawn from `generator` (on the weights' device): experts
+        that train at once in threads must not draw from torch's one global generator."""
+        weight, bias = self.linear.weight, self.linear.bias
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        if bias is not None:
+            bound = 1 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+            nn.init.uniform_(bias, -bound, bound, generator=generator)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.kind == "cosine":

@@ -12,6 +12,7 @@ import functools
 import os
 import shlex
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,6 +164,11 @@ class Run:
         # The run's params as far as this process knows them: read from the store once (a run
         # made by `mlflow run` arrives with params), then kept up to date by `log_params`.
         self._params: dict[str, str] | None = None
+        # Write at once instead of queueing (epochs, heartbeats, params): for a run logged from a
+        # thread other than the main one (experts trained at once). MLflow's asynchronous queue is
+        # one per process, and the flush at every run's end shuts it down and restarts it, which
+        # fails a queueing call made meanwhile from another thread.
+        self.synchronous = False
 
     def log_config(self, cfg: RunConfig) -> None:
         """The settings this run's method uses as params (`config.used_settings`: no `sampling`
@@ -188,7 +194,7 @@ class Run:
             elif not _same_value(existing[key], value):
                 out[key + RESOLVED_SUFFIX] = param_value(value)
         if out:
-            mlflow.log_params(out, synchronous=synchronous)
+            mlflow.log_params(out, synchronous=synchronous or self.synchronous)
             existing.update(out)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -197,7 +203,7 @@ class Run:
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Per-epoch metrics at step = global epoch; asynchronous so logging stays out of epoch time."""
         values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
-        mlflow.log_metrics(_finite(values), step=int(record["epoch"]), synchronous=False)
+        mlflow.log_metrics(_finite(values), step=int(record["epoch"]), synchronous=self.synchronous)
         self.heartbeat()
 
     def heartbeat(self) -> None:
@@ -209,7 +215,7 @@ class Run:
         self._last_beat = now
         client = MlflowClient()
         for run_id in filter(None, (self.run_id, self.parent_id)):
-            client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=False)
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=self.synchronous)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(_finite(metrics), step=step)
@@ -246,6 +252,7 @@ class Run:
         with _guarded(mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()}, **where)) as run:
             run.parent_id = self.run_id
             run._params = {}  # a new run: no params to read back from the store
+            run.synchronous = threading.current_thread() is not threading.main_thread()
             yield run
 
     def log_model(self, predictor_dir: str | Path, input_example) -> str:
@@ -655,21 +662,30 @@ def close_run(run_id: str, status: str, reason: str) -> None:
     client.set_terminated(run_id, status)
 
 
+_LINKING = threading.Lock()
+
+
 def link_resumed(old_run_id: str, new_run_id: str) -> None:
     """Record that `new_run_id` continues `old_run_id`: the old run is closed KILLED (if still
-    RUNNING) and tagged `ltexp.resumed_by`; the new one is tagged `ltexp.resumed_from`."""
+    RUNNING) and tagged `ltexp.resumed_by`; the new one is tagged `ltexp.resumed_from`.
+
+    Once per pair: experts resuming at once (in threads) each link their common parent runs, and
+    two writes of one new tag at the same moment collide in the store (a UNIQUE constraint)."""
     if not old_run_id or old_run_id == new_run_id:
         return
     client = MlflowClient()
-    try:
-        old = client.get_run(old_run_id)
-    except mlflow.exceptions.MlflowException:
-        return  # another store, or deleted: nothing to close
-    client.set_tag(old_run_id, RESUMED_BY_TAG, new_run_id)
-    if old.info.status == "RUNNING":
-        client.set_tag(old_run_id, ERROR_TAG, f"interrupted; training continued by run {new_run_id}")
-        client.set_terminated(old_run_id, "KILLED")
-    client.set_tag(new_run_id, RESUMED_FROM_TAG, old_run_id)
+    with _LINKING:
+        try:
+            old = client.get_run(old_run_id)
+        except mlflow.exceptions.MlflowException:
+            return  # another store, or deleted: nothing to close
+        if old.data.tags.get(RESUMED_BY_TAG) == new_run_id:
+            return  # linked already, by another expert of the same run
+        client.set_tag(old_run_id, RESUMED_BY_TAG, new_run_id)
+        if old.info.status == "RUNNING":
+            client.set_tag(old_run_id, ERROR_TAG, f"interrupted; training continued by run {new_run_id}")
+            client.set_terminated(old_run_id, "KILLED")
+        client.set_tag(new_run_id, RESUMED_FROM_TAG, old_run_id)
 
 
 # --- Reading runs back and the grid / report runs (`ltexp grid`, `ltexp report`) ---------------

@@ -110,3 +110,26 @@ def test_gpu_trained_model_predicts_the_same_on_cpu(subprocess_env, tmp_path):
     agreement = (cpu_labels == gpu["label"].to_numpy()).mean()
     assert agreement >= 0.99, agreement
     assert (gpu["label"].to_numpy() == load_digits_source().test_labels).mean() > 0.3  # a trained model, not chance
+
+
+def test_split_experts_train_at_once_on_their_own_streams(mlflow_store):
+    """`--expert-concurrency threads` on CUDA: each expert's thread on its own stream; both expert
+    runs finish and overlap, and the fused model scores as one trained one after the other does
+    (bf16 and a different order of kernels: close, not equal)."""
+    import mlflow
+
+    from ltexp.experiment import run_experiment
+
+    def run(way):
+        cfg = resolve_config({"optim": {"epochs": 30}, "method": {"method": "split", "lws_epochs": 2},
+                              "split": {"expert_concurrency": way}}, seed=0, device="cuda")
+        return run_experiment(cfg)
+
+    at_once, one_by_one = run("threads"), run("sequential")
+    assert mlflow.get_run(at_once.run_id).data.tags["ltexp.expert_concurrency"] == "threads"
+    head, tail = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string=f"tags.mlflow.parentRunId = '{at_once.run_id}'")
+    assert head.info.status == tail.info.status == "FINISHED"
+    assert head.info.start_time < tail.info.end_time and tail.info.start_time < head.info.end_time
+    assert at_once.metrics["test_acc"] > 0.5
+    assert abs(at_once.metrics["test_acc"] - one_by_one.metrics["test_acc"]) < 0.05
