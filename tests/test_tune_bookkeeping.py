@@ -64,7 +64,8 @@ def test_frozen_heap_keeps_old_objects_out_of_full_collections_and_gives_them_ba
         assert new_garbage() is None         # garbage made inside the block is still collected
     assert gc.get_freeze_count() == 0
     gc.collect()
-    assert old_garbage() is None and len(gc.get_objects(generation=2)) >= walked_before - 10
+    # Given back: the old garbage is collected now, and the old objects are walked again.
+    assert old_garbage() is None and len(gc.get_objects(generation=2)) > walked_before // 2
     with pytest.raises(RuntimeError), frozen_heap():
         raise RuntimeError("trial failed")
     assert gc.get_freeze_count() == 0        # handed back when the block raises too
