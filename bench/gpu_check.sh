@@ -2,7 +2,7 @@
 # Everything a session with a GPU checks, in ONE command (about 8 minutes on one H100):
 #
 #   1. tests:  pytest -m cuda tests/test_cuda.py (bf16 training, channels_last + compile, a GPU-trained
-#              pyfunc predicting the same on CPU)
+#              pyfunc predicting the same on CPU, split experts trained at once on their own streams)
 #   2. mlflow: `mlflow run . -e split --env-manager local -P dataset=cifar100 -P epochs=2` on a generated
 #              CIFAR-100 archive, the run checked (FINISHED, trained on cuda, test metrics logged)
 #   3. bench:  python bench/gpu.py --out $OUT/gpu.json with the time that is left, less part 4's

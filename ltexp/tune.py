@@ -201,6 +201,10 @@ class SearchSpace:
         if self.base.split.router or self.base.split.distill or any(f in NEEDS_ROUTER for f in self.fusions(None)):
             raise LtexpError("tuning searches expert splits and fusion rules only: --router, --distill and the "
                              "router rule are for `ltexp train --method split` (set them false / leave them out)")
+        if self.base.split.expert_concurrency != "sequential":
+            raise LtexpError(f"--expert-concurrency {self.base.split.expert_concurrency} is for `ltexp train --method "
+                             f"split`: a study trains each trial's experts in lockstep, an epoch each in turn, and "
+                             f"runs trials at once with --jobs")
 
     def fusions(self, expert_mode: str | None) -> list[str]:
         """Rules searched for an expert mode (None: the union)."""

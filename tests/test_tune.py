@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import mlflow
 import optuna
@@ -166,6 +167,13 @@ def test_fusion_choices_never_retrain_experts(mlflow_store, tmp_path):
 def test_bad_input_is_one_clear_error_and_writes_nothing(mlflow_store, tmp_path, tune, match):
     with pytest.raises(LtexpError, match=match):
         run_study(_cfg(), TuneConfig(**{"storage": f"sqlite:///{tmp_path / 'optuna.db'}", **tune}))
+    assert _runs("tune") == [] and not (tmp_path / "optuna.db").exists()
+
+
+def test_expert_concurrency_is_refused_for_a_study(mlflow_store, tmp_path):
+    cfg = replace(_cfg(), split=replace(_cfg().split, expert_concurrency="threads"))
+    with pytest.raises(LtexpError, match="--expert-concurrency threads is for `ltexp train --method split`: .* --jobs"):
+        run_study(cfg, TuneConfig(storage=f"sqlite:///{tmp_path / 'optuna.db'}"))
     assert _runs("tune") == [] and not (tmp_path / "optuna.db").exists()
 
 
