@@ -15,6 +15,8 @@ Sections (each number is measured in this run; nothing is carried over from else
    paper (LWS joint, gradient clipping at 5). Two epochs each:
    the first pays cuDNN autotuning, the second is the steady epoch. `split_*_over_baseline`
    compares walls measured in this run; `baseline_200_epochs_projected_s` = 200 steady epochs.
+   Then split own twice more, warm: one expert after the other, and at once (`ltexp.concurrency`,
+   what `--expert-concurrency threads` does): `split_at_once_over_sequential_wall`.
 3. `eval`: 10,000 test images through `ltexp.engine.predict_logits` (batches of 1,024), seconds.
 4. `dataloader`: the same training step fed by bench/pipeline.py's torchvision `DataLoader` +
    PIL transforms versus ltexp's device pipeline, images/s and their ratio.
@@ -55,6 +57,7 @@ for path in (REPO_ROOT, BENCH_DIR, REPO_ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 import pipeline  # noqa: E402  (bench/pipeline.py: synthetic data, the DataLoader baseline)
+from ltexp.concurrency import run_at_once  # noqa: E402
 from ltexp.config import resolve_config  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
@@ -259,17 +262,20 @@ def bench_epochs(ctx, result: dict, data_dir: str):
     prepare_s = time.perf_counter() - t0
     out = {"dataset": f"generated CIFAR-10-LT exp 0.01, {len(prep.data.train_labels)} training images",
            "model": cfg.model.model, "batch": cfg.optim.batch_size, "epochs_each": 2, "prepare_s": prepare_s}
-    for name, method, mode in (("baseline", "baseline", "own"), ("split_own", "split", "own"),
-                               ("split_other", "split", "other")):
+    # The last two: split own again, one expert after the other and then at once (one thread and
+    # stream each, `--expert-concurrency threads`), both warm, so their walls compare fairly.
+    for name, method, mode, at_once in (("baseline", "baseline", "own", False), ("split_own", "split", "own", False),
+                                        ("split_other", "split", "other", False),
+                                        ("split_own_warm", "split", "own", False),
+                                        ("split_own_at_once", "split", "own", True)):
         cfg = epoch_config(ctx, data_dir, method, mode)
         method_obj, specs, _ = build_experts(cfg, prep.data.info)
         reset_peak(ctx.device)
         sync(ctx.device)
         t0 = time.perf_counter()
-        experts = []
-        for spec in specs:
-            _, fit, _ = train_expert(cfg, method_obj, spec, prep, None, False)
-            experts.append(fit)
+        trainings = [lambda spec=spec: train_expert(cfg, method_obj, spec, prep, None, False)[1] for spec in specs]
+        experts = run_at_once(trainings, ctx.device, [spec.name for spec in specs]) if at_once else \
+            [train() for train in trainings]
         sync(ctx.device)
         wall = time.perf_counter() - t0
         main = [[h for h in fit.history if h["stage"] == fit.history[0]["stage"]] for fit in experts]
@@ -282,11 +288,13 @@ def bench_epochs(ctx, result: dict, data_dir: str):
                                      if h not in m),
                "peak_memory_bytes": peak(ctx.device)}
         out[name] = row
-        ctx.log(f"epoch {name:12s} wall {wall:6.2f} s (2 epochs), steady epoch {row['steady_epoch_s']:.3f} s")
+        ctx.log(f"epoch {name:17s} wall {wall:6.2f} s (2 epochs), steady epoch {row['steady_epoch_s']:.3f} s")
     base = out["baseline"]
     for name in ("split_own", "split_other"):
         out[f"{name}_over_baseline_wall"] = out[name]["wall_s"] / base["wall_s"]
         out[f"{name}_over_baseline_steady_epoch"] = out[name]["steady_epoch_s"] / base["steady_epoch_s"]
+    # Below 1: the experts trained at once finish sooner than one after the other.
+    out["split_at_once_over_sequential_wall"] = out["split_own_at_once"]["wall_s"] / out["split_own_warm"]["wall_s"]
     # 200 steady epochs plus the validation pass each epoch already inside `wall_s - train_time_s`.
     per_epoch_eval = max(0.0, (base["wall_s"] - base["train_time_s"]) / 2)
     out["baseline_200_epochs_projected_s"] = 200 * (base["steady_epoch_s"] + per_epoch_eval)

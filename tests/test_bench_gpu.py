@@ -41,6 +41,10 @@ def test_quick_run_writes_complete_json(tmp_path):
     # The "other" experts see extra images: more per epoch than the own-mode experts.
     assert epoch["split_other"]["images_per_epoch"] > epoch["split_own"]["images_per_epoch"]
     assert epoch["split_own_over_baseline_wall"] == epoch["split_own"]["wall_s"] / epoch["baseline"]["wall_s"]
+    # The split's experts one after the other and at once, both warm: the same images either way.
+    assert epoch["split_own_at_once"]["images_per_epoch"] == epoch["split_own_warm"]["images_per_epoch"]
+    assert epoch["split_at_once_over_sequential_wall"] == \
+        epoch["split_own_at_once"]["wall_s"] / epoch["split_own_warm"]["wall_s"]
     assert result["eval"]["images"] == 100 and result["eval"]["finite"]
     assert result["dataloader"]["ratio"] == (result["dataloader"]["ltexp_images_per_s"]
                                              / result["dataloader"]["torchvision_images_per_s"])
