@@ -235,8 +235,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for key in ("test_acc", "test_head_acc", "test_tail_acc", "test_oracle_acc", "test_routing_acc"):
         if key in result.test_metrics:
             print(f"  {key:<18} {result.test_metrics[key]:.4f}")
-    print(f"experts trained {result.experts_trained}, reused {result.experts_reused}"
-          + (" (by this process)" if tune_cfg.jobs > 1 else ""))
+    print(f"experts trained {result.experts_trained}, reused {result.experts_reused}")
     print(f"registered version {result.version} as @candidate; {result.decision}")
     print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
     return 0
