@@ -56,6 +56,10 @@ _stop: BaseException | None = None
 _share = 0
 
 
+class StoppedByAnother(LtexpError):
+    """What an expert raises when another expert training beside it failed."""
+
+
 def resolve(way: str, experts: int) -> str:
     """`sequential` or `threads`: `--expert-concurrency way` for `experts` experts (one is
     always sequential: nothing trains beside it)."""
@@ -106,8 +110,8 @@ def run_at_once(tasks: list[Callable[[], T]], device: torch.device, names: list[
         except BaseException as exc:
             errors[index] = exc
             if _stop is None and not isinstance(exc, KeyboardInterrupt):
-                _stop = LtexpError(f"stopped because expert {names[index]} failed: {str(exc).splitlines()[0][:300]}"
-                                   if str(exc) else f"stopped because expert {names[index]} failed")
+                _stop = StoppedByAnother(f"stopped because expert {names[index]} failed"
+                                         + (f": {str(exc).splitlines()[0][:300]}" if str(exc) else ""))
         finally:
             with lock:
                 running[0] -= 1
@@ -134,12 +138,7 @@ def run_at_once(tasks: list[Callable[[], T]], device: torch.device, names: list[
         _stop, _share = None, 0
         torch.set_num_threads(threads)
     # The expert that failed first, not the ones it stopped.
-    first = next((e for e in errors if e is not None and not _stopped_by_another(e)), None)
-    first = first or next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise next((e for e in failed if not isinstance(e, StoppedByAnother)), failed[0])
     return results
-
-
-def _stopped_by_another(exc: BaseException) -> bool:
-    return isinstance(exc, LtexpError) and str(exc).startswith("stopped because expert ")

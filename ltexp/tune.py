@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 import torch
 
-from ltexp import LtexpError, lifecycle, tracking
+from ltexp import LtexpError, concurrency, lifecycle, tracking
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
@@ -201,7 +201,7 @@ class SearchSpace:
         if self.base.split.router or self.base.split.distill or any(f in NEEDS_ROUTER for f in self.fusions(None)):
             raise LtexpError("tuning searches expert splits and fusion rules only: --router, --distill and the "
                              "router rule are for `ltexp train --method split` (set them false / leave them out)")
-        if self.base.split.expert_concurrency != "sequential":
+        if self.base.split.expert_concurrency != concurrency.SEQUENTIAL:
             raise LtexpError(f"--expert-concurrency {self.base.split.expert_concurrency} is for `ltexp train --method "
                              f"split`: a study trains each trial's experts in lockstep, an epoch each in turn, and "
                              f"runs trials at once with --jobs")
