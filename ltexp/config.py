@@ -19,7 +19,7 @@ from ltexp.concurrency import EXPERT_CONCURRENCY
 from ltexp.data.device import AUGMENTS
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import DATASETS
-from ltexp.engine import DEVICES
+from ltexp.engine import COMPILE_MODES, COMPILE_NONE, DEVICES
 from ltexp.fusion import FUSIONS as FUSION_RULES
 from ltexp.losses import LOSS_OPTIONS, LOSSES
 from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
@@ -136,8 +136,12 @@ class OptimConfig:
     lr_gamma: float = setting(0.1, "learning-rate decay factor")
     clip_norm: float = setting(0.0, "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as "
                                     "the paper; else 0)", auto=True)
+    compile: str = setting(COMPILE_NONE, "torch.compile the training step: none, default, or reduce-overhead "
+                                         "(CUDA graphs; on a GPU the fast one at batch 128, see README 'GPU'). "
+                                         "Compiling takes 15-30 s per model and stage", choices=COMPILE_MODES)
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.epochs < 1:
             raise LtexpError(f"--epochs {self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -326,6 +330,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _choice("preset", self.preset, tuple(RUN_PRESETS))
+        if self.optim.compile != COMPILE_NONE and self.split.expert_concurrency != "sequential":
+            # torch.compile's tracing and CUDA-graph trees are per process, not made for two
+            # threads compiling and replaying at once.
+            raise LtexpError(f"--compile {self.optim.compile} needs --expert-concurrency sequential, "
+                             f"not {self.split.expert_concurrency}")
 
 
 SEARCHABLE = ("lr", "weight_decay", "expert_mode", "other_size", "lws", "num_groups")
@@ -527,6 +536,8 @@ BOOKKEEPING_FIELDS = {
     "expert_concurrency": "whether a split's experts train one after the other or at once; each draws from its "
                           "own seeded generators either way, so results agree up to floating-point rounding "
                           "(a CPU convolution's sums depend on its thread count, which changes at once)",
+    "compile": "how the training step's kernels are made (eager or torch.compile); results agree up to "
+               "floating-point rounding",
     "checkpoint_every": "how often training state is saved; a resumed run ends with the same weights",
     "resume": "whether a saved checkpoint is continued; it ends with the weights of an uninterrupted run",
 }

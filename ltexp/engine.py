@@ -25,6 +25,12 @@ from ltexp.metrics import classification_metrics
 from ltexp.progress import Progress
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# How the training step's forward and backward run: eager PyTorch (`none`), `torch.compile`'s
+# generated kernels (`default`), or those replayed as CUDA graphs (`reduce-overhead`, on CUDA; on
+# other devices it compiles as `default`). On a GPU at batch 128 a ResNet step is bound by the
+# host launching its kernels, which only CUDA graphs remove (bench/gpu.py measures each mode).
+COMPILE_NONE = "none"
+COMPILE_MODES = (COMPILE_NONE, "default", "reduce-overhead")
 
 if TYPE_CHECKING:
     from ltexp.lifecycle import Checkpointer
@@ -52,6 +58,18 @@ def resolve_device(name: str = "auto") -> torch.device:
 def _autocast(device: torch.device):
     # bf16 keeps fp32's exponent range, so no loss scaling is needed; CPU stays fp32.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def compile_step(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """The module a training step calls: `model` itself (`none`), or `torch.compile` of it in
+    `mode`. It shares `model`'s parameters and buffers, so weights, checkpoints and evaluation
+    stay on the plain module. Shapes are static (`dynamic=False`): the engine sends only full
+    batches through it, so one compilation serves a whole stage."""
+    if mode not in COMPILE_MODES:
+        raise LtexpError(f"unknown --compile {mode!r}: allowed are {', '.join(COMPILE_MODES)}")
+    if mode == COMPILE_NONE:
+        return model
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 @torch.no_grad()
@@ -109,7 +127,8 @@ def _train_mode(model: torch.nn.Module, trainable: str) -> None:
 def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
         *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int,
         on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None,
-        select_metric: str = "acc", checkpoint: "Checkpointer | None" = None) -> FitResult:
+        select_metric: str = "acc", checkpoint: "Checkpointer | None" = None,
+        compile_mode: str = COMPILE_NONE) -> FitResult:
     """Train `model` through `stages`; after each stage keep its best epoch on validation.
 
     The best epoch maximises `select_metric` on validation (`acc`; experts with an unbalanced
@@ -121,11 +140,13 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     loss by name. A non-finite training loss raises `LtexpError` at the end of the epoch it
     happened in. `progress` reports epochs to a person (bars or lines). With a `checkpoint`
     (`ltexp.lifecycle.Checkpointer`), training continues from its saved state, whose epochs are
-    passed to `on_epoch` again first, and saves state as its cadence asks.
+    passed to `on_epoch` again first, and saves state as its cadence asks. `compile_mode`
+    (`COMPILE_MODES`) is how full batches' forward and backward run (`compile_step`); the last,
+    smaller batch of an epoch runs eagerly, so that no second shape is compiled.
     """
     steps = fit_epochs(model, train, val, stages, info, batch_size=batch_size, clip_norm=clip_norm,
                        augment=augment, seed=seed, progress=progress, select_metric=select_metric,
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, compile_mode=compile_mode)
     while True:
         try:
             record = next(steps)
@@ -137,10 +158,14 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
 
 def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: list[Stage], info: ClassInfo,
                *, batch_size: int, clip_norm: float, augment: CropFlip, seed: int, progress: Progress | None = None,
-               select_metric: str = "acc", checkpoint: "Checkpointer | None" = None):
+               select_metric: str = "acc", checkpoint: "Checkpointer | None" = None,
+               compile_mode: str = COMPILE_NONE):
     """`fit` as a generator: yields each epoch's record, returns the `FitResult`. Several experts
     can so be trained in lockstep, one epoch each in turn (tuning prunes on their fused score)."""
     device = train.images.device
+    step_model = compile_step(model, compile_mode)
+    # CUDA graphs overwrite their outputs at each replay: each step is marked as a new one.
+    cuda_graphs = compile_mode == "reduce-overhead" and device.type == "cuda"
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     if device.type == "cuda":
@@ -197,8 +222,11 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
                 labels = train.labels[idx]
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
+                full = len(idx) == batch_size
+                if cuda_graphs and full:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with _autocast(device):
-                    logits = model(images)
+                    logits = (step_model if full else model)(images)
                     if train.soft_targets is None:
                         loss = stage.loss(logits.float(), labels)
                     else:  # distillation: the loss also reads each image's teacher targets

@@ -209,7 +209,8 @@ def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", teach
     info = expert_info(data.info, spec)
     return dict(train=train, val=val, stages=method.stages(info, spec), info=info, batch_size=cfg.optim.batch_size,
                 clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
-                seed=expert_seed(cfg, spec), select_metric="macro_acc" if spec.other else "acc")
+                seed=expert_seed(cfg, spec), select_metric="macro_acc" if spec.other else "acc",
+                compile_mode=cfg.optim.compile)
 
 
 def expert_steps(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared",

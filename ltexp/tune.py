@@ -37,6 +37,7 @@ import torch
 
 from ltexp import LtexpError, concurrency, lifecycle, tracking
 from ltexp.config import RunConfig, TuneConfig
+from ltexp.engine import COMPILE_NONE
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
 from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
@@ -205,6 +206,11 @@ class SearchSpace:
             raise LtexpError(f"--expert-concurrency {self.base.split.expert_concurrency} is for `ltexp train --method "
                              f"split`: a study trains each trial's experts in lockstep, an epoch each in turn, and "
                              f"runs trials at once with --jobs")
+        if self.base.optim.compile != COMPILE_NONE:
+            # Measured on an H200 (bench/gpu.py): compiling one ResNet takes 17-28 s, more than a
+            # short trial trains, and every trial's experts are new models compiled again.
+            raise LtexpError(f"--compile {self.base.optim.compile} is for `ltexp train`: each trial's new experts "
+                             f"would be compiled again (15-30 s each on a GPU); leave --compile none")
 
     def fusions(self, expert_mode: str | None) -> list[str]:
         """Rules searched for an expert mode (None: the union)."""

@@ -34,6 +34,15 @@ def test_bad_value_is_one_clear_line():
         resolve_config({"method": {"method": "split"}, "split": {"expert_concurrency": "parallel"}})
 
 
+def test_compile_with_threads_is_refused():
+    """torch.compile and CUDA-graph trees are per process, not made for two threads at once."""
+    with pytest.raises(LtexpError, match="--compile reduce-overhead needs --expert-concurrency sequential, not threads"):
+        resolve_config({"method": {"method": "split"}, "optim": {"compile": "reduce-overhead"},
+                        "split": {"expert_concurrency": "threads"}})
+    with pytest.raises(LtexpError, match="unknown --compile 'fast': allowed are none, default, reduce-overhead"):
+        resolve_config({"optim": {"compile": "fast"}})
+
+
 def _steps(seconds: float, record: list | None = None):
     """A task that takes `seconds` in steps of 10 ms (sleep releases the GIL, like torch's ops),
     calling `between_steps` as the engine does, and returns the threads it had at each step."""

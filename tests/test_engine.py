@@ -9,6 +9,7 @@ from ltexp.config import LossConfig, MethodConfig, OptimConfig, RunConfig
 from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages, build_augment
 from ltexp.data.sources import load_digits_source
+from ltexp import engine
 from ltexp.engine import fit, predict_logits
 from ltexp.methods import TRAIN_SCALES, build_method
 from ltexp.models import build_model, channel_stats
@@ -178,3 +179,48 @@ def test_stage_loss_is_what_the_engine_minimises(digits):
         losses[name] = fit(model, train, val, stages, digits.info, batch_size=64, clip_norm=0,
                            augment=build_augment("crop", 8), seed=0).history[0]["train_loss"]
     assert losses["ce"] != losses["balanced_softmax"]
+
+
+def test_compile_runs_full_batches_through_one_compiled_graph(digits, monkeypatch):
+    """`--compile default`: every full batch's forward and backward go through `torch.compile`'s
+    module, one graph for the whole stage (the last, smaller batch of an epoch runs eagerly, so
+    no second shape is compiled); the model learns as eager training does."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_calls = []
+    real_compile_step = engine.compile_step
+
+    def counting_compile_step(model, mode):
+        compiled = real_compile_step(model, mode)
+        assert compiled is not model
+
+        def call(images):
+            compiled_calls.append(len(images))
+            return compiled(images)
+        return call
+
+    monkeypatch.setattr(engine, "compile_step", counting_compile_step)
+    model, train, val = _setup(digits)
+    assert len(train) % 64 != 0  # so each epoch ends with a smaller batch
+    compiled = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=3, compile_mode="default")
+    compiled_logits = predict_logits(model, val.images)
+    assert compiled_calls == [64] * (3 * (len(train) // 64))
+    assert counters["stats"]["unique_graphs"] == 1  # one shape, one graph: no recompilation per epoch
+
+    monkeypatch.setattr(engine, "compile_step", real_compile_step)
+    model, train, val = _setup(digits)
+    eager = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=3)
+    assert compiled.images_seen == eager.images_seen
+    assert np.isfinite([h["train_loss"] for h in compiled.history]).all()
+    assert compiled.best_val_acc > 0.2 and abs(compiled.best_val_acc - eager.best_val_acc) < 0.1  # chance: 0.1
+    agreement = (compiled_logits.argmax(1) == predict_logits(model, val.images).argmax(1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+
+
+def test_compile_none_is_the_model_itself_and_bad_modes_are_one_line():
+    model = torch.nn.Linear(2, 2)
+    assert engine.compile_step(model, "none") is model
+    with pytest.raises(LtexpError, match="unknown --compile 'max': allowed are none, default, reduce-overhead"):
+        engine.compile_step(model, "max")

@@ -177,6 +177,13 @@ def test_expert_concurrency_is_refused_for_a_study(mlflow_store, tmp_path):
     assert _runs("tune") == [] and not (tmp_path / "optuna.db").exists()
 
 
+def test_compile_is_refused_for_a_study(mlflow_store, tmp_path):
+    cfg = replace(_cfg(), optim=replace(_cfg().optim, compile="reduce-overhead"))
+    with pytest.raises(LtexpError, match="--compile reduce-overhead is for `ltexp train`: .* leave --compile none"):
+        run_study(cfg, TuneConfig(storage=f"sqlite:///{tmp_path / 'optuna.db'}"))
+    assert _runs("tune") == [] and not (tmp_path / "optuna.db").exists()
+
+
 def test_existing_study_with_other_direction_or_space_is_refused(mlflow_store, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="minimise", storage=storage, direction="minimize")
