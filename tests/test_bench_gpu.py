@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -41,6 +43,20 @@ def test_quick_run_writes_complete_json(tmp_path):
     # The "other" experts see extra images: more per epoch than the own-mode experts.
     assert epoch["split_other"]["images_per_epoch"] > epoch["split_own"]["images_per_epoch"]
     assert epoch["split_own_over_baseline_wall"] == epoch["split_own"]["wall_s"] / epoch["baseline"]["wall_s"]
+    # The paper's 200 epochs: each row's measured wall plus 198 measured steady cycles (an epoch's
+    # training and validation, between its last two epoch records), summed over the experts.
+    for name in ("baseline", "split_own", "split_other", "split_own_warm", "baseline_compiled"):
+        row = epoch[name]
+        assert row["cycle_s"] >= row["steady_epoch_s"] / row["experts"] > 0
+        assert row["projected_200_epochs_s"] == pytest.approx(row["wall_s"] + 198 * row["cycle_s"])
+    assert "cycle_s" not in epoch["split_own_at_once"]  # at once, the experts' epochs overlap
+    assert epoch["baseline_200_epochs_projected_s"] == epoch["baseline"]["projected_200_epochs_s"]
+    assert epoch["split_own_over_baseline_200_epochs"] == pytest.approx(
+        epoch["split_own"]["projected_200_epochs_s"] / epoch["baseline"]["projected_200_epochs_s"])
+    # CPU: the compiled row is the baseline through inductor's CPU kernels (CUDA graphs need CUDA).
+    assert epoch["baseline_compiled"]["compile"] == "default" and epoch["baseline"]["compile"] == "none"
+    assert "split_own_compiled" not in epoch
+    assert epoch["baseline_compiled"]["images_per_epoch"] == epoch["baseline"]["images_per_epoch"]
     # The split's experts one after the other and at once, both warm: the same images either way.
     assert epoch["split_own_at_once"]["images_per_epoch"] == epoch["split_own_warm"]["images_per_epoch"]
     assert epoch["split_at_once_over_sequential_wall"] == \
@@ -59,6 +75,22 @@ def test_quick_run_writes_complete_json(tmp_path):
                and "prepare_s" not in p and "other_stages_s" not in p}
     assert timings and all(v > 0 for v in timings.values()), timings
     assert result["peak_memory_bytes"] == 0  # no CUDA allocator on CPU
+
+
+def test_sections_run_only_what_is_asked_and_bad_names_are_one_line(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--quick", "--device", "cpu",
+                           "--sections", "eval,dataloader", "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sections"] == ["eval", "dataloader"]
+    assert "epoch" not in result and "experts" not in result and result["throughput"] == []
+    assert result["eval"]["images"] == 100 and result["dataloader"]["ratio"] > 0
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--sections", "epoch,speed"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--sections speed: allowed are epoch, eval, experts, dataloader, throughput" in proc.stderr
 
 
 def test_device_script_reads_its_generated_archives():
