@@ -62,13 +62,18 @@ def _autocast(device: torch.device):
 
 def compile_step(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """The module a training step calls: `model` itself (`none`), or `torch.compile` of it in
-    `mode`. It shares `model`'s parameters and buffers, so weights, checkpoints and evaluation
-    stay on the plain module. Shapes are static (`dynamic=False`): the engine sends only full
+    `mode`, compiled afresh. It shares `model`'s parameters and buffers, so weights, checkpoints
+    and evaluation stay on the plain module. Shapes are static (`dynamic=False`): the engine sends only full
     batches through it, so one compilation serves a whole stage."""
     if mode not in COMPILE_MODES:
         raise LtexpError(f"unknown --compile {mode!r}: allowed are {', '.join(COMPILE_MODES)}")
     if mode == COMPILE_NONE:
         return model
+    # A model compiled earlier in this process (a grid's previous cell, a split's previous expert)
+    # has finished training (tuning and experts in threads refuse --compile): drop its code and
+    # CUDA-graph memory, so that this model is compiled as asked instead of running eagerly once
+    # torch's recompile limit (8 per function) is reached.
+    torch._dynamo.reset()
     return torch.compile(model, mode=mode, dynamic=False)
 
 

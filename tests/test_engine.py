@@ -224,3 +224,18 @@ def test_compile_none_is_the_model_itself_and_bad_modes_are_one_line():
     assert engine.compile_step(model, "none") is model
     with pytest.raises(LtexpError, match="unknown --compile 'max': allowed are none, default, reduce-overhead"):
         engine.compile_step(model, "max")
+
+
+def test_each_compiled_model_is_compiled_afresh(monkeypatch):
+    """A process that trains many compiled models one after the other (a grid's cells, a split's
+    experts) compiles each of them: none falls back to eager past torch's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # torch's default is 8
+    counters.clear()
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    for outputs in (10, 7, 4):  # each head's shape needs a graph of its own
+        torch.manual_seed(0)
+        model = build_model("smallcnn", (8, 8, 1), outputs, [8.0], [4.0])
+        assert engine.compile_step(model, "default")(images).shape == (4, outputs)
+    assert counters["stats"]["unique_graphs"] == 3
