@@ -210,7 +210,7 @@ class SearchSpace:
             # Measured on an H200 (bench/gpu.py): compiling one ResNet takes 17-28 s, more than a
             # short trial trains, and every trial's experts are new models compiled again.
             raise LtexpError(f"--compile {self.base.optim.compile} is for `ltexp train`: each trial's new experts "
-                             f"would be compiled again (15-30 s each on a GPU); leave --compile none")
+                             f"would be compiled again (17-28 s each on an H200); leave --compile none")
 
     def fusions(self, expert_mode: str | None) -> list[str]:
         """Rules searched for an expert mode (None: the union)."""
