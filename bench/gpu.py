@@ -66,7 +66,7 @@ from ltexp.concurrency import run_at_once  # noqa: E402
 from ltexp.config import resolve_config  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
-from ltexp.engine import predict_logits, resolve_device  # noqa: E402
+from ltexp.engine import COMPILE_CUDA_GRAPHS, COMPILE_NONE, predict_logits, resolve_device  # noqa: E402
 from ltexp.experiment import build_experts, expert_view, prepare, train_expert  # noqa: E402
 from ltexp.models import build_model, channel_stats  # noqa: E402
 from ltexp.threads import configure_threads  # noqa: E402
@@ -257,7 +257,7 @@ def write_archive(ctx) -> str:
     return str(root)
 
 
-def epoch_config(ctx, data_dir: str, method: str, expert_mode: str = "own", compile_mode: str = "none"):
+def epoch_config(ctx, data_dir: str, method: str, expert_mode: str = "own", compile_mode: str = COMPILE_NONE):
     return resolve_config({
         "data": {"dataset": "cifar10", "data_dir": data_dir, "download": False, "imb_type": "exp",
                  "imb_factor": 0.01, "val_per_class": ctx.val_per_class},
@@ -275,14 +275,16 @@ PAPER_EPOCHS = 200
 
 def epoch_rows(device: torch.device) -> list[tuple[str, str, str, bool, str]]:
     """(row, method, expert mode, experts at once, --compile) of the epoch section, in order."""
-    rows = [("baseline", "baseline", "own", False, "none"), ("split_own", "split", "own", False, "none"),
-            ("split_other", "split", "other", False, "none"),
+    rows = [("baseline", "baseline", "own", False, COMPILE_NONE),
+            ("split_own", "split", "own", False, COMPILE_NONE),
+            ("split_other", "split", "other", False, COMPILE_NONE),
             # Split own again, one expert after the other and then at once (one thread and stream
             # each, `--expert-concurrency threads`), both warm, so their walls compare fairly.
-            ("split_own_warm", "split", "own", False, "none"), ("split_own_at_once", "split", "own", True, "none")]
+            ("split_own_warm", "split", "own", False, COMPILE_NONE),
+            ("split_own_at_once", "split", "own", True, COMPILE_NONE)]
     if device.type == "cuda":  # the training step as CUDA graphs (`--compile reduce-overhead`)
-        rows += [("baseline_compiled", "baseline", "own", False, "reduce-overhead"),
-                 ("split_own_compiled", "split", "own", False, "reduce-overhead")]
+        rows += [("baseline_compiled", "baseline", "own", False, COMPILE_CUDA_GRAPHS),
+                 ("split_own_compiled", "split", "own", False, COMPILE_CUDA_GRAPHS)]
     else:  # inductor's CPU kernels: the same code path, at CPU cost (CI's --quick run)
         rows += [("baseline_compiled", "baseline", "own", False, "default")]
     return rows
@@ -306,8 +308,6 @@ def bench_epochs(ctx, result: dict, data_dir: str):
     for name, method, mode, at_once, compile_mode in epoch_rows(ctx.device):
         cfg = epoch_config(ctx, data_dir, method, mode, compile_mode)
         method_obj, specs, _ = build_experts(cfg, prep.data.info)
-        if compile_mode != "none":
-            torch._dynamo.reset()  # compile afresh: the row's warm-up is its own compilation
         reset_peak(ctx.device)
         sync(ctx.device)
         t0 = time.perf_counter()

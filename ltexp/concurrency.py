@@ -10,8 +10,10 @@ where it counts (README, "Experts at once"): two equal experts at once on one th
 0.72-0.96 of the wall of one after the other on two threads (`python bench/threads.py --experts
 2`), but a real split is not equal: on the CIFAR-10 development photos the head expert holds most
 images, and the whole run took 75.8 and 79.4 s at once against 72.9, 73.1 and 80.5 s one after
-the other. On a GPU it has not been measured yet: bench/gpu.py's `experts` section does that, and
-tests/test_cuda.py runs this path there.
+the other. Nor on a GPU (one H200, bench/results/2026-11-28-h200-*): a real split's experts at
+once took 1.41-1.50 times the wall of one after the other, and two equal experts from two threads
+0.62 times the speed (each step is bound by the host launching kernels); tests/test_cuda.py runs
+this path there.
 
 Each expert draws only from its own seeded generators (sampling, augmentation, a head's
 re-initialisation); the seeding and initialisation of a new model from torch's global generator,

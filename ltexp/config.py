@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable
 
 from ltexp import LtexpError
-from ltexp.concurrency import EXPERT_CONCURRENCY
+from ltexp.concurrency import EXPERT_CONCURRENCY, SEQUENTIAL
 from ltexp.data.device import AUGMENTS
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import DATASETS
@@ -246,7 +246,7 @@ class SplitConfig:
                                          when=lambda cfg: _is_split(cfg) and cfg.split.distill)
     distill_weight: float = setting(1.0, "split, distill: weight of the teaching term beside the student's --loss",
                                     when=lambda cfg: _is_split(cfg) and cfg.split.distill)
-    expert_concurrency: str = setting("sequential", "split: sequential (the experts train one after the other) or "
+    expert_concurrency: str = setting(SEQUENTIAL, "split: sequential (the experts train one after the other) or "
                                                     "threads (at once, one Python thread each, sharing the torch "
                                                     "threads; on CUDA each on its own stream)",
                                       choices=EXPERT_CONCURRENCY, when=_is_split)
@@ -331,7 +331,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _choice("preset", self.preset, tuple(RUN_PRESETS))
-        if self.optim.compile != COMPILE_NONE and self.split.expert_concurrency != "sequential":
+        if self.optim.compile != COMPILE_NONE and self.split.expert_concurrency != SEQUENTIAL:
             # torch.compile's tracing and CUDA-graph trees are per process, not made for two
             # threads compiling and replaying at once.
             raise LtexpError(f"--compile {self.optim.compile} needs --expert-concurrency sequential, "

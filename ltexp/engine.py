@@ -29,8 +29,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # generated kernels (`default`), or those replayed as CUDA graphs (`reduce-overhead`, on CUDA; on
 # other devices it compiles as `default`). On a GPU at batch 128 a ResNet step is bound by the
 # host launching its kernels, which only CUDA graphs remove (bench/gpu.py measures each mode).
-COMPILE_NONE = "none"
-COMPILE_MODES = (COMPILE_NONE, "default", "reduce-overhead")
+COMPILE_NONE, COMPILE_CUDA_GRAPHS = "none", "reduce-overhead"
+COMPILE_MODES = (COMPILE_NONE, "default", COMPILE_CUDA_GRAPHS)
 
 if TYPE_CHECKING:
     from ltexp.lifecycle import Checkpointer
@@ -170,7 +170,7 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
     device = train.images.device
     step_model = compile_step(model, compile_mode)
     # CUDA graphs overwrite their outputs at each replay: each step is marked as a new one.
-    cuda_graphs = compile_mode == "reduce-overhead" and device.type == "cuda"
+    cuda_graphs = compile_mode == COMPILE_CUDA_GRAPHS and device.type == "cuda"
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     if device.type == "cuda":
