@@ -83,7 +83,17 @@ def test_a_failing_expert_stops_the_others_and_its_error_is_raised():
     assert concurrency._stop is None and concurrency._share == 0
 
 
-def test_an_interruption_of_the_main_thread_reaches_every_expert():
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, whatever this process inherited: a test run started in the
+    background by a shell without job control inherits SIGINT ignored, and `_thread.interrupt_main`
+    then does nothing (seen: "DID NOT RAISE KeyboardInterrupt" in such a run)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interruption_of_the_main_thread_reaches_every_expert(python_ctrl_c):
     stopped = []
 
     def interrupts_main():
