@@ -431,7 +431,11 @@ class TrialBudget:
 
     `optimize` runs the study this way: `take()` before the first trial and after each
     (`next_or_stop`, the last optimize callback); while it returns True the lock stays held until
-    the trial exists (the `wrap`ped objective is entered) or `release()`. A lock not obtained in
+    the trial exists and has its first heartbeat (the `wrap`ped objective is entered) or
+    `release()`. So a RUNNING trial without a heartbeat, seen under the lock, belongs to a worker
+    that died between creating it and its first heartbeat (seen: a SIGKILL right after a trial
+    ended). Optuna never fails such a trial (its stale check reads heartbeats only), and it would
+    hold one of the study's trials for good: `take()` fails it and queues it again. A lock not obtained in
     `wait_s` seconds (a worker's machine vanished while holding it; PostgreSQL drops the session
     when TCP gives up) is skipped with a warning: the study goes on, at worst one trial over.
     """
@@ -515,6 +519,8 @@ class TrialBudget:
                     # A dead worker's RUNNING trial must not count. Optuna fails stale trials
                     # again just before its ask (one more query, which then finds none).
                     optuna.storages.fail_stale_trials(self.study)
+                if self._release is not None and self.storage.get_heartbeat_interval() is not None:
+                    self._fail_heartbeatless()
             self.counted = len(self.study.get_trials(deepcopy=False, states=self.COUNTED))
         except BaseException:
             self.release()
@@ -523,6 +529,29 @@ class TrialBudget:
             self.release()
             return False
         return True
+
+    def _fail_heartbeatless(self) -> None:
+        """Fail the study's RUNNING trials that have no heartbeat, and queue each again as Optuna
+        queues a stale one (the storage's retry callback). Only under the lock (see the class)."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.storage.scoped_session) as session:
+            orphans = [trial_id for (trial_id,) in session.query(models.TrialModel.trial_id).filter(
+                models.TrialModel.study_id == self.study._study_id,
+                models.TrialModel.state == optuna.trial.TrialState.RUNNING,
+                ~models.TrialModel.heartbeats.any())]
+        failed = []
+        for trial_id in orphans:
+            try:
+                if self.storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # ended meanwhile
+        retry = self.storage.get_heartbeat_stale_trial_callback()
+        for trial_id in failed:
+            if retry is not None:
+                retry(self.study, self.storage.get_trial(trial_id))
 
     def optimize(self, objective, callbacks=(), **optimize_kwargs) -> bool:
         """`study.optimize` until the study has `n_trials` done or running (this worker runs at
@@ -542,8 +571,11 @@ class TrialBudget:
             study.stop()
 
     def wrap(self, objective):
-        """The objective, releasing the lock first: by then Optuna has created the trial."""
+        """The objective, releasing the lock first: by then Optuna has created the trial, and its
+        first heartbeat is recorded here (Optuna's heartbeat thread may not have written it yet)."""
         def run(trial: optuna.Trial) -> float:
+            if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.get_heartbeat_interval():
+                self.storage.record_heartbeat(trial._trial_id)
             self.release()
             return objective(trial)
         return run

@@ -119,3 +119,27 @@ def test_a_worker_whose_trials_all_fail_stops_after_n_of_its_own(tmp_path):
     assert TrialBudget(study, storage, url, n_trials=3).optimize(lambda trial: 1.0, catch=(LtexpError,))
     assert [t.state.name for t in study.get_trials()] == ["FAIL"] * 3 + ["COMPLETE"] * 3
     assert not TrialBudget(study, storage, url, n_trials=3).optimize(lambda trial: 1.0)  # nothing due
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    """A worker killed between creating its trial and the trial's first heartbeat (seen: SIGKILL
+    right after a trial ended) leaves a RUNNING trial that Optuna's stale check never fails: it
+    would hold one of the study's trials for good. The budget fails it and queues it again; a
+    RUNNING trial with a live heartbeat still counts."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url, 60)
+    study = optuna.create_study(study_name="orphan", storage=storage, direction="maximize")
+    alive = study.ask()
+    storage.record_heartbeat(alive._trial_id)  # another worker's trial, beating
+    orphan = study.ask()  # a trial created by a worker that died before its first heartbeat
+    budget = TrialBudget(study, storage, url, n_trials=3)
+    assert budget.take() and budget.counted == 1  # the live trial counts, the orphan does not
+    budget.release()
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[alive.number] == "RUNNING" and states[orphan.number] == "FAIL"
+    retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert [t.state.name for t in retry] == ["WAITING"]  # queued again, as Optuna retries a stale trial
+    assert budget.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0))
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == 2 and states.count("RUNNING") == 1  # 3 = n_trials, the live one included
+    assert study.get_trials()[retry[0].number].state.name == "COMPLETE"
