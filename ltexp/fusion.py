@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ltexp import LtexpError
+from ltexp.metrics import hit_rate
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def route_accuracy(outputs, layout: ExpertLayout, labels: torch.Tensor) -> float
     """The router's own accuracy: how often its most likely group (class-share prior included,
     as `router` fuses it) is the image's true group."""
     predicted = _group_scores(outputs, layout).argmax(1).cpu()
-    return float((predicted == layout.group_of()[labels.cpu()]).float().mean())
+    return hit_rate(predicted == layout.group_of()[labels.cpu()])
 
 
 fuse_calibrated = _with_params(_scaled_concat, "calibrated")
@@ -228,4 +229,4 @@ def oracle_predict(outputs, layout: ExpertLayout, labels: torch.Tensor) -> torch
 def routing_accuracy(predicted: torch.Tensor, labels: torch.Tensor, layout: ExpertLayout) -> float:
     """Fraction of images whose predicted class lies in their true class's group."""
     group = layout.group_of()
-    return float((group[predicted.cpu()] == group[labels.cpu()]).float().mean())
+    return hit_rate(group[predicted.cpu()] == group[labels.cpu()])

@@ -40,9 +40,15 @@ def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor, num_classe
     return acc.numpy()
 
 
+def hit_rate(hits: torch.Tensor) -> float:
+    """The fraction of True entries as an exact Python fraction (count / total in float64), not
+    a float32 mean: 149/200 is stored as 0.745, not 0.7450000047683716. NaN when empty."""
+    n = hits.numel()
+    return int(hits.sum()) / n if n else float("nan")
+
+
 def _slice_acc(correct: torch.Tensor, mask: torch.Tensor) -> float:
-    n = int(mask.sum())
-    return float(correct[mask].float().mean()) if n else float("nan")
+    return hit_rate(correct[mask])
 
 
 def accuracy_metrics(predicted: torch.Tensor, labels: torch.Tensor, info: ClassInfo) -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ltexp.losses import log_prior
+from ltexp.metrics import hit_rate
 
 LOGIT_ADJUST_TAUS = tuple(round(0.25 * i, 2) for i in range(13))   # 0, 0.25, ..., 3
 TAU_NORM_TAUS = tuple(round(0.1 * i, 1) for i in range(21))         # 0, 0.1, ..., 2
@@ -24,7 +25,7 @@ def choose_tau(taus: Sequence[float], logits_for: Callable[[float], torch.Tensor
     """The tau of `taus` whose logits have the best validation accuracy (the smallest on ties)."""
     best_tau, best_acc = taus[0], -1.0
     for tau in taus:
-        acc = float((logits_for(tau).argmax(1) == labels).float().mean())
+        acc = hit_rate(logits_for(tau).argmax(1) == labels)
         if acc > best_acc + 1e-12:
             best_tau, best_acc = tau, acc
     return float(best_tau), best_acc

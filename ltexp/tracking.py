@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shlex
 import subprocess
@@ -27,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import ltexp  # noqa: E402
@@ -111,10 +113,22 @@ def _same_value(logged: str, value: Any) -> bool:
     return logged == str(value)
 
 
+def as_logged(value: Any) -> Any:
+    """A number as the store should hold it: a float that is exactly a float32 (what a tensor's
+    `.item()` gives) becomes the shortest decimal naming that float32 (0.7450000047683716 ->
+    0.745), so the UI and CSVs show the measured value, not float32's binary rounding. Floats
+    computed in float64 and everything else pass unchanged."""
+    if isinstance(value, float) and math.isfinite(value):
+        single = np.float32(value)
+        if float(single) == value:
+            return float(str(single))
+    return value
+
+
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     from ltexp.metrics import finite  # late: ltexp.metrics imports torch
 
-    return finite(metrics)
+    return {k: as_logged(v) for k, v in finite(metrics).items()}
 
 
 def tracking_uri() -> str:
@@ -237,6 +251,8 @@ class Run:
 
     def log_table(self, frame, path: str) -> None:
         """A pandas DataFrame as a CSV artifact."""
+        floats = frame.select_dtypes("float").columns
+        frame = frame.assign(**{c: frame[c].map(as_logged) for c in floats})
         mlflow.log_text(frame.to_csv(index=False), path)
 
     @contextmanager
