@@ -119,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (train, tune):
         sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
                          help="start afresh, ignoring any checkpoint (same as --resume false)")
-        sub.add_argument("--threads", type=_typed("int", "threads", False), default=None,
-                         help="torch CPU threads (default: LTEXP_THREADS, else OMP_NUM_THREADS, else the CPUs "
-                              "this process may use); give each of several workers on one machine its share")
 
     runs = commands.add_parser("runs", help="housekeeping of MLflow runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
@@ -159,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
             action.default = argparse.SUPPRESS  # so a preset fills what the user did not set
     grid.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     grid.add_argument("--no-progress", action="store_true", help="no progress bar or per-cell lines")
+    for sub in (train, tune, grid):
+        sub.add_argument("--threads", type=_typed("int", "threads", False), default=None,
+                         help="torch CPU threads (default: LTEXP_THREADS, else OMP_NUM_THREADS, else the CPUs this "
+                              "process may use less those other jobs keep busy at start-up); give each of several "
+                              "workers on one machine its share")
 
     report = commands.add_parser("report", help="tables and plots from an experiment's runs (the paper's Table 2 "
                                                 "and eight-data-set table), also logged as a `report` run")

@@ -10,8 +10,13 @@ Order of precedence (first that is set wins):
 1. an explicit count (`ltexp train|tune --threads N`);
 2. `LTEXP_THREADS` in the environment (what a launcher of several workers exports per worker);
 3. `OMP_NUM_THREADS` (the OpenMP convention torch itself follows);
-4. the CPUs available to this process: its affinity mask (`os.sched_getaffinity`), capped by a
-   cgroup v2 CPU quota (`/sys/fs/cgroup/cpu.max`) when the process runs under one.
+4. the CPUs available to this process (its affinity mask, `os.sched_getaffinity`, capped by a
+   cgroup v2 CPU quota, `/sys/fs/cgroup/cpu.max`, when the process runs under one), less the
+   CPUs other jobs keep busy right now (Linux's count of runnable tasks, `procs_running` in
+   `/proc/stat`, the smallest of a few samples less this process), at least 1. torch's threads
+   wait for each other at every parallel region: one thread that shares its core with another
+   job makes every step wait for it (a digits baseline 7.6x slower with 2 threads than with 1
+   beside one busy process on 2 cores), while a thread fewer costs little.
 
 Several workers on one machine split the cores by each getting `--threads` (or `LTEXP_THREADS`)
 = cores / workers, or by being pinned with `taskset -c` (then rule 4 follows the pinning).
@@ -21,12 +26,17 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from ltexp import LtexpError
 
 ENV_VAR = "LTEXP_THREADS"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PROC_STAT = Path("/proc/stat")
+# Runnable-task samples taken at start-up, INTERVAL_S apart: a short-lived process (a shell, a
+# compiler) seen in one sample is not a job; the smallest count is what stays busy.
+LOAD_SAMPLES, LOAD_INTERVAL_S = 5, 0.02
 
 
 def cgroup_cpu_limit(path: Path | None = None) -> int | None:
@@ -54,6 +64,33 @@ def available_cpus() -> int:
     return max(1, min(cpus, limit) if limit else cpus)
 
 
+def runnable_tasks(path: Path | None = None) -> int | None:
+    """Tasks running or ready to run on the machine now (`procs_running` of `/proc/stat`, this
+    process included); None where the file is missing (not Linux) or has no such line."""
+    try:
+        for line in (path or PROC_STAT).read_text().splitlines():
+            if line.startswith("procs_running "):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def busy_cpus(samples: int = LOAD_SAMPLES, interval_s: float = LOAD_INTERVAL_S,
+              path: Path | None = None) -> int:
+    """CPUs that other jobs keep busy: the fewest runnable tasks over `samples` readings less this
+    process; 0 where the count cannot be read."""
+    counts = []
+    for index in range(samples):
+        if index:
+            time.sleep(interval_s)
+        count = runnable_tasks(path)
+        if count is None:
+            return 0
+        counts.append(count)
+    return max(0, min(counts) - 1)
+
+
 def _positive(text: str, source: str) -> int:
     try:
         value = int(text)
@@ -66,7 +103,7 @@ def _positive(text: str, source: str) -> int:
 
 def resolve_threads(threads: int | None = None) -> tuple[int, str]:
     """The thread count to use and where it came from (`--threads`, `LTEXP_THREADS`,
-    `OMP_NUM_THREADS` or `available CPUs`)."""
+    `OMP_NUM_THREADS`, or `available CPUs` / `available CPUs less N busy`)."""
     if threads is not None:
         return _positive(str(threads), "--threads"), "--threads"
     if os.environ.get(ENV_VAR, "").strip():
@@ -75,7 +112,9 @@ def resolve_threads(threads: int | None = None) -> tuple[int, str]:
     if omp:
         # OpenMP allows a list ("4,2") for nested levels; the first level is torch's.
         return _positive(omp.split(",")[0], "OMP_NUM_THREADS"), "OMP_NUM_THREADS"
-    return available_cpus(), "available CPUs"
+    cpus = available_cpus()
+    busy = min(busy_cpus(), cpus - 1)
+    return (cpus - busy, f"available CPUs less {busy} busy") if busy else (cpus, "available CPUs")
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -21,6 +21,7 @@ def clean_env(monkeypatch):
 
 def test_precedence_flag_env_omp_cpus(clean_env):
     clean_env.setattr(threads, "available_cpus", lambda: 6)
+    clean_env.setattr(threads, "busy_cpus", lambda: 0)
     assert threads.resolve_threads() == (6, "available CPUs")
     clean_env.setenv("OMP_NUM_THREADS", "3,2")  # nested OpenMP levels: the first is torch's
     assert threads.resolve_threads() == (3, "OMP_NUM_THREADS")
@@ -85,3 +86,30 @@ def test_cli_rejects_zero_threads(clean_env, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("ltexp: error: --threads '0' is not a positive integer: "
                                                "give the number of CPU threads, e.g. 1")
+
+
+def test_runnable_tasks_are_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3 4\nctxt 99\nprocs_running 3\nprocs_blocked 0\n")
+    assert threads.runnable_tasks(stat) == 3
+    assert threads.busy_cpus(samples=2, interval_s=0, path=stat) == 2   # this process not counted
+    stat.write_text("cpu  1 2 3 4\n")
+    assert threads.runnable_tasks(stat) is None and threads.busy_cpus(path=stat) == 0
+    assert threads.busy_cpus(path=tmp_path / "missing") == 0             # not Linux: nothing known
+
+
+@pytest.mark.skipif(threads.runnable_tasks() is None, reason="needs Linux's /proc/stat")
+def test_a_competing_process_takes_a_thread_away_and_never_the_last(clean_env):
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"])
+    try:
+        # The competitor is runnable in every sample (it never sleeps), so at least one CPU is busy.
+        assert threads.busy_cpus() >= 1
+        clean_env.setattr(threads, "available_cpus", lambda: 2)
+        assert threads.resolve_threads() == (1, "available CPUs less 1 busy")
+        clean_env.setattr(threads, "available_cpus", lambda: 1)
+        assert threads.resolve_threads() == (1, "available CPUs")          # never fewer than one
+        clean_env.setenv("LTEXP_THREADS", "2")
+        assert threads.resolve_threads() == (2, "LTEXP_THREADS")            # an explicit count wins
+    finally:
+        busy.kill()
+        busy.wait()
