@@ -45,9 +45,11 @@ def test_compile_with_threads_is_refused():
 
 def _steps(seconds: float, record: list | None = None):
     """A task that takes `seconds` in steps of 10 ms (sleep releases the GIL, like torch's ops),
-    calling `between_steps` as the engine does, and returns the threads it had at each step."""
+    calling `between_steps` as the engine does, and returns the threads it had at each step.
+    `record`, when given, is the list those thread counts go to as they happen (so a task that
+    was stopped still shows how far it got)."""
     def task():
-        seen = []
+        seen = [] if record is None else record
         for _ in range(int(seconds / 0.01)):
             between_steps()
             seen.append(torch.get_num_threads())
@@ -60,11 +62,8 @@ def test_tasks_run_at_once_in_order_and_share_the_threads_then_give_them_back():
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        started = time.perf_counter()
         short, long = run_at_once([_steps(0.3), _steps(0.9)], CPU, ["tail", "head"])
-        wall = time.perf_counter() - started
-        assert wall < 0.9 + 0.3 * 0.8, wall  # at once: well under the 1.2 s of one after the other
-        assert set(short) == {2}             # 4 threads shared by 2 experts
+        assert set(short) == {2}             # 4 threads shared by 2 experts: both ran at once
         assert long[0] == 2 and long[-1] == 4  # the head expert takes every thread once the tail ends
         assert torch.get_num_threads() == 4   # given back
     finally:
@@ -76,10 +75,10 @@ def test_a_failing_expert_stops_the_others_and_its_error_is_raised():
         time.sleep(0.05)
         raise ValueError("loss is nan")
 
-    started = time.perf_counter()
+    head_steps = []
     with pytest.raises(ValueError, match="loss is nan"):
-        run_at_once([_steps(30.0), fails], CPU, ["head", "tail"])
-    assert time.perf_counter() - started < 5  # the head expert stopped at its next step
+        run_at_once([_steps(30.0, head_steps), fails], CPU, ["head", "tail"])
+    assert len(head_steps) < 3000  # the head expert stopped long before its 3,000 steps
     assert concurrency._stop is None and concurrency._share == 0
 
 
@@ -110,10 +109,10 @@ def test_an_interruption_of_the_main_thread_reaches_every_expert(python_ctrl_c):
                 raise
         return run
 
-    started = time.perf_counter()
+    head_steps = []
     with pytest.raises(KeyboardInterrupt):
-        run_at_once([watched(_steps(30.0)), watched(interrupts_main)], CPU, ["head", "tail"])
-    assert time.perf_counter() - started < 5
+        run_at_once([watched(_steps(30.0, head_steps)), watched(interrupts_main)], CPU, ["head", "tail"])
+    assert len(head_steps) < 3000  # stopped, not run to its end
     assert sorted(stopped) == ["ltexp-expert-head", "ltexp-expert-tail"]
 
 
