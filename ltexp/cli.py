@@ -238,7 +238,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if key in result.test_metrics:
             print(f"  {key:<18} {result.test_metrics[key]:.4f}")
     print(f"experts trained {result.experts_trained}, reused {result.experts_reused}")
-    print(f"registered version {result.version} as @candidate; {result.decision}")
+    print(f"registered v{result.version} as @candidate; {result.decision}")
     print(f"MLflow run {result.run_id}: see it with `mlflow ui`")
     return 0
 

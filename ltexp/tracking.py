@@ -433,22 +433,61 @@ def register_model(run_id: str, name: str, alias: str = "candidate") -> int:
     return int(version.version)
 
 
+# The data settings that make two validation figures comparable, as `ltexp tune` keys them.
+DATA_KEY_FIELDS = ("dataset", "imb_type", "imb_factor", "val_source", "val_per_class", "data_seed")
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _validation_figure(client: MlflowClient, version, metric: str, data_key: str) -> float | None:
+    """The version's value of `metric` on the data configuration `data_key`, or None when it was
+    measured on other data or not at all. A tuned version carries its figure as tags; a version
+    registered by hand (`ltexp register`) has it in its run's metrics and params."""
+    tags = version.tags
+    if "ltexp.val_metric_value" in tags:
+        same = tags.get("ltexp.data_config") == data_key and tags.get("ltexp.val_metric") == metric
+        return float(tags["ltexp.val_metric_value"]) if same else None
+    try:
+        run = client.get_run(tags.get("ltexp.run_id") or version.run_id)
+    except (mlflow.exceptions.MlflowException, TypeError):
+        return None
+    settings = {**run.data.params, **{k.removeprefix("ltexp."): v for k, v in run.data.tags.items()}}
+    if "|".join(settings.get(f, "") for f in DATA_KEY_FIELDS) != data_key or metric not in run.data.metrics:
+        return None
+    return float(run.data.metrics[metric])
+
+
 def register_and_promote(run_id: str, name: str, metric: str, value: float, data_key: str) -> tuple[int, bool, str]:
     """Register the run's model as `candidate`; make it `champion` only if it beats the champion.
 
     The champion is beaten when it was chosen on the same data configuration (`data_key`) and
     the same validation metric, and the new value is strictly higher; the old champion then
-    becomes `previous`. The comparison and the decision are tags on the new version.
+    becomes `previous`. With no champion yet, the new version becomes champion only if no
+    existing version has an equal or better figure on the same data and metric (one registered
+    by hand included). Moving `candidate` from a version that tuning did not put there is said.
+    The comparison and the decision are tags on the new version and the returned line.
     """
     client = MlflowClient()
+    old_candidate = _alias_holder(client, name, "candidate")
     version = register_model(run_id, name, "candidate")
     tags = {"ltexp.val_metric": metric, "ltexp.val_metric_value": repr(float(value)), "ltexp.data_config": data_key}
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    champion = _alias_holder(client, name, "champion")
+    rival = None
     if champion is None:
-        promote, decision = True, f"promoted: no champion yet ({metric} = {value:.6g})"
+        others = [(v, _validation_figure(client, v, metric, data_key))
+                  for v in client.search_model_versions(f"name = '{name}'") if int(v.version) != version]
+        better = [(v, figure) for v, figure in others if figure is not None and figure >= value]
+        if better:
+            rival = max(better, key=lambda pair: pair[1])
+            promote, decision = False, (f"not made @champion: v{rival[0].version} has {metric} {rival[1]:.6g} "
+                                        f">= {value:.6g} on the same data")
+        else:
+            promote, decision = True, f"v{version} is now @champion ({metric} {value:.6g}; no champion before)"
     elif champion.tags.get("ltexp.data_config") != data_key or champion.tags.get("ltexp.val_metric") != metric:
         promote, decision = False, (f"kept champion v{champion.version}: it was chosen on "
                                     f"{champion.tags.get('ltexp.data_config')} / {champion.tags.get('ltexp.val_metric')}, "
@@ -456,10 +495,14 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
     else:
         old = float(champion.tags["ltexp.val_metric_value"])
         promote = value > old
-        decision = (f"promoted: {metric} {value:.6g} > champion v{champion.version} {old:.6g}" if promote else
+        decision = (f"v{version} is now @champion ({metric} {value:.6g}; previous champion v{champion.version}, "
+                    f"{old:.6g})" if promote else
                     f"kept champion v{champion.version}: {metric} {value:.6g} <= {old:.6g}")
-    if champion is not None:
-        tags["ltexp.compared_to_version"] = str(champion.version)
+    compared = champion or (rival[0] if rival else None)
+    if compared is not None:
+        tags["ltexp.compared_to_version"] = str(compared.version)
+    if old_candidate is not None and "ltexp.val_metric_value" not in old_candidate.tags:
+        decision += f"; @candidate moved from v{old_candidate.version}, which ltexp tune had not set"
     tags["ltexp.promotion"] = decision
     for key, val in tags.items():
         client.set_model_version_tag(name, str(version), key, val)

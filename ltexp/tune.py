@@ -726,8 +726,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         parent.log_metrics({"experts_trained": experts_trained, "experts_reused": experts_reused})
         tracking.flush()
         name = tune.model_name or default_model_name(base.data.dataset)
-        data_key = "|".join(str(getattr(base.data, f)) for f in ("dataset", "imb_type", "imb_factor", "val_source",
-                                                                 "val_per_class", "data_seed"))
+        data_key = "|".join(str(getattr(base.data, f)) for f in tracking.DATA_KEY_FIELDS)
         version, promoted, decision = tracking.register_and_promote(parent.run_id, name, tune.metric, best.value, data_key)
         return TuneResult(parent.run_id, study_name, dict(best.params), float(best.value),
                           {k: v for k, v in result.metrics.items() if k.startswith("test_") and "__" not in k},
