@@ -222,6 +222,15 @@ def expert_steps(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared",
     return model, fit_epochs(model, **fit_inputs(cfg, method, spec, prep), checkpoint=checkpoint)
 
 
+def checkpoint_key(cfg: RunConfig, spec: ExpertSpec) -> str:
+    """The expert's key plus what its checkpoint belongs to: the tracking store its runs live in
+    (hashed, since a URI can carry a password; the store is where the resumed run is linked) and
+    the torch build and device type that compute its numbers. Another store or build trains afresh."""
+    store = hashlib.sha256(tracking.store_identity().encode()).hexdigest()[:16]
+    return json.dumps({"expert": expert_key(cfg, spec), "store": store, "torch": torch.__version__,
+                       "device": resolve_device(cfg.device).type}, sort_keys=True)
+
+
 def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str, label: str = "",
                  cadence: lifecycle.Cadence | None = None) -> lifecycle.Checkpointer:
     """The checkpoint of one expert of the run `root_run_id` (epochs logged to `run_id`).
@@ -234,12 +243,19 @@ def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str
         done = bool(state.get("finished"))  # training had ended; only the evaluation was lost
         detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
             (" (finished)" if done else "")
+        written_with, now = state.get("torch_threads"), torch.get_num_threads()
+        if written_with and written_with != now:
+            # Not a key part: the default thread count follows the machine's load, and a kill
+            # should not cost the epochs done. Float sums taken in another order may differ in
+            # their last digits, so the run says it.
+            detail += (f"; written with {written_with} torch threads, now {now}: the last digits may differ "
+                       "from an uninterrupted run")
         tracking.link_resumed(old_run, run_id)
         if old_root != old_run:
             tracking.link_resumed(old_root, root_run_id)
         print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
 
-    return lifecycle.Checkpointer(expert_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
+    return lifecycle.Checkpointer(checkpoint_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
                                   cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)
 
 

@@ -189,6 +189,7 @@ class Checkpointer:
             return False
         state = {"format": CHECKPOINT_VERSION, "key": self.key, "ltexp_version": ltexp.__version__,
                  "run_id": self.run_id, "root_run_id": self.root_run_id, "saved_at": time.time(),
+                 "torch_threads": torch.get_num_threads(),
                  "model": model.state_dict(), "generator": generator.get_state().cpu(), "rng": _rng_states(),
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None, **loop}

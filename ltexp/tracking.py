@@ -136,6 +136,20 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def store_identity(uri: str | None = None) -> str:
+    """The tracking store `uri` (default: the one in use) names, the same from any working
+    directory: a relative sqlite or file path is made absolute (`sqlite:///mlflow.db` in two
+    folders is two stores); any other URI is itself."""
+    uri = uri or tracking_uri()
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme):]
+            return scheme + str(Path(path).expanduser().resolve()) if path and path != ":memory:" else uri
+    if "://" not in uri:  # a bare path is a file store
+        return "file://" + str(Path(uri).expanduser().resolve())
+    return uri
+
+
 def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
     """A readable run name: `split·cifar100·exp0.01·s0` (`tune·digits·exp0.01` for a study)."""
     dataset = cfg.data.dataset

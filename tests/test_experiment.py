@@ -92,3 +92,45 @@ def test_an_expert_cache_folder_shares_experts_between_processes(tmp_path):
     assert got.history[0]["val_acc"] == 0.5 and np.isnan(got.history[0]["train_loss"])
     assert (got.best_val_acc, got.best_epoch, got.seen_per_class, got.posthoc) == (0.75, 3, [[3, 1]], {"posthoc_tau": 0.5})
     assert not ExpertCache().has("k")  # without a folder a cache is this process's alone
+
+
+def test_a_checkpoint_belongs_to_its_tracking_store(mlflow_store, tmp_path, monkeypatch):
+    import mlflow
+    from ltexp.experiment import checkpointer
+    from ltexp.methods import ExpertSpec
+
+    monkeypatch.setenv("LTEXP_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config({"tracking": {"checkpoint_every": "1"}})
+    spec = ExpertSpec("all", tuple(range(10)))
+    model, generator = torch.nn.Linear(2, 2), torch.Generator()
+    saved = checkpointer(cfg, spec, "run-a", "run-a")
+    assert saved.save(model, generator, None, None, {"global_epoch": 3}, force=True)
+    assert checkpointer(cfg, spec, "run-a2", "run-a2").load()["global_epoch"] == 3  # same store: resumes
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)     # the same relative sqlite:///mlflow.db, in another folder: another store
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    assert checkpointer(cfg, spec, "run-b", "run-b").load() is None
+    mlflow.set_tracking_uri(mlflow_store)
+    assert checkpointer(cfg, spec, "run-c", "run-c").load()["global_epoch"] == 3
+
+
+def test_resuming_under_another_thread_count_says_so(mlflow_store, tmp_path, monkeypatch, capsys):
+    from ltexp.experiment import checkpointer
+    from ltexp.methods import ExpertSpec
+
+    monkeypatch.setenv("LTEXP_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config({"tracking": {"checkpoint_every": "1"}})
+    spec = ExpertSpec("all", tuple(range(10)))
+    model, generator = torch.nn.Linear(2, 2), torch.Generator()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        checkpointer(cfg, spec, "run-a", "run-a").save(model, generator, None, None, {"global_epoch": 3}, force=True)
+        torch.set_num_threads(1)
+        assert checkpointer(cfg, spec, "run-b", "run-b").restore(model, generator)["global_epoch"] == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert ("resuming from epoch 3 of run run-a; written with 2 torch threads, now 1: the last digits may differ "
+            "from an uninterrupted run") in capsys.readouterr().out
