@@ -294,10 +294,17 @@ def stale_reason(tags: dict[str, str], start_time_s: float, older_than_s: float,
     """Why a RUNNING run is dead, or None if it may still be alive (or is not ltexp's to judge).
 
     Same host: its pid is gone (or reused). Another host: its heartbeat (else its start) is older
-    than `older_than_s`.
+    than `older_than_s`. A run `mlflow run` opened for an entry point that never reached ltexp
+    (no `ltexp.pid`): its start is older than `older_than_s`.
     """
     now = time.time() if now is None else now
     if "ltexp.pid" not in tags or "ltexp.host" not in tags:
+        entry_point = tags.get("mlflow.project.entryPoint")
+        if entry_point and now - start_time_s > older_than_s:
+            # `mlflow run` made the run, then its environment set-up failed (e.g. no conda
+            # without --env-manager local) or hangs: ltexp never started to tag or end it.
+            return (f"`mlflow run` of entry point {entry_point!r} never started ltexp in "
+                    f"{_ago(now - start_time_s)} (its environment set-up failed or hangs)")
         return None
     beat = float(tags.get("ltexp.heartbeat") or start_time_s)
     if tags["ltexp.host"] == host():

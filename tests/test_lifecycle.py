@@ -420,3 +420,23 @@ def test_tampered_cifar_file_is_never_unpickled(env, tmp_path):
                   {**env, "LTEXP_UNVERIFIED_CIFAR": "1"}, tmp_path)
     assert "refusing to load posix.system" in _one_error_line(proc)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sweep_closes_a_run_whose_mlflow_run_environment_never_started_ltexp(env, tmp_path, mlflow_store):
+    from conftest import REPO
+
+    # No conda here (MLFLOW_CONDA_HOME points nowhere): `mlflow run` without --env-manager local
+    # opens the run, then fails setting up the project's conda environment.
+    failed = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "baseline"],
+                            env={**env, "MLFLOW_CONDA_HOME": str(tmp_path / "no-conda")}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    (left,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert left.info.status == "RUNNING" and "ltexp.pid" not in left.data.tags  # what MLflow leaves behind
+    time.sleep(1.1)  # older than the 1 s limit below, measured from the run's start
+    proc = _ltexp(["runs", "sweep", "--older-than", "1s"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    closed = MlflowClient().get_run(left.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert "`mlflow run` of entry point 'baseline' never started ltexp" in closed.data.tags["ltexp.error"]
+    assert left.info.run_id in proc.stdout
