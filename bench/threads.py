@@ -10,7 +10,7 @@ thread count (`--threads`), it times `--steps` training steps (after `--warmup`)
 on ltexp's device pipeline (bench/pipeline.py's synthetic CIFAR-shaped set, `ltexp_forever`,
 `time_training`) and prints images/s and the median step time; `--json` adds one JSON line.
 
-    python bench/threads.py                            # resnet32, batch 128, threads 1,2, compete 0,1
+    python bench/threads.py                    # resnet32, batch 128, threads 1,2 and ltexp's default, compete 0,1
     python bench/threads.py --arch resnet18 --threads 1,2,4 --compete 0,1,2
 
 `--experts T` instead compares two ways to train the two experts of a split on T threads: one
@@ -45,6 +45,7 @@ for path in (BENCH_DIR.parent, BENCH_DIR):
 import pipeline  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
+from ltexp.threads import resolve_threads  # noqa: E402
 
 
 def busy_loop() -> None:
@@ -130,7 +131,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="CPU img/s by torch thread count, with competing processes.")
     parser.add_argument("--arch", default="resnet32", choices=["resnet18", "resnet32", "smallcnn"])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default: 1,2)")
+    parser.add_argument("--threads", default="1,2,default",
+                        help="comma-separated thread counts; `default` is the count ltexp chooses (default: 1,2,default)")
     parser.add_argument("--compete", default="0,1", help="comma-separated numbers of busy processes (default: 0,1)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
@@ -153,20 +155,44 @@ def main(argv=None) -> list[dict]:
             rival.start()
         time.sleep(0.5 if rivals else 0)  # let the rivals get going
         try:
-            for threads in [int(t) for t in args.threads.split(",")]:
+            for choice in args.threads.split(","):
+                # `default`: the count ltexp itself would choose now, rivals running.
+                threads, source = resolve_threads() if choice == "default" else (int(choice), "fixed")
                 r = measure(args.arch, args.batch_size, threads, args.warmup, args.steps, (images_nhwc, labels))
-                row = {"competing": compete, "threads": threads, "images_per_s": r["train_images_per_s"],
+                row = {"competing": compete, "threads": threads, "policy": "default" if choice == "default" else "fixed",
+                       "source": source, "images_per_s": r["train_images_per_s"],
                        "step_ms_median": r["train_step_ms_median"], "step_ms_max": r["train_step_ms_max"]}
                 rows.append(row)
-                print(f"{compete:>10} {threads:>8} {row['images_per_s']:>10.1f} {row['step_ms_median']:>15.0f} "
+                label = f"{threads} ({source})" if choice == "default" else str(threads)
+                print(f"{compete:>10} {label:>8} {row['images_per_s']:>10.1f} {row['step_ms_median']:>15.0f} "
                       f"{row['step_ms_max']:>12.0f}", flush=True)
         finally:
             for rival in rivals:
                 rival.terminate()
                 rival.join()
+    summary = default_against_best(rows)
+    for line in summary:
+        print(f"competing {line['competing']}: best fixed {line['best_fixed_threads']} threads / ltexp's default "
+              f"({line['default_threads']} threads) = {line['best_over_default']:.2f}x")
     if args.json:
-        print(json.dumps({"arch": args.arch, "batch": args.batch_size, "rows": rows}))
+        print(json.dumps({"arch": args.arch, "batch": args.batch_size, "rows": rows, "default_against_best": summary}))
     return rows
+
+
+def default_against_best(rows: list[dict]) -> list[dict]:
+    """Per number of competing processes: the best fixed thread count's images/s over the default's
+    (1.0 = the default is the best choice; the target is at most 1.3)."""
+    out = []
+    for compete in sorted({r["competing"] for r in rows}):
+        level = [r for r in rows if r["competing"] == compete]
+        fixed = [r for r in level if r["policy"] == "fixed"]
+        default = [r for r in level if r["policy"] == "default"]
+        if fixed and default:
+            best = max(fixed, key=lambda r: r["images_per_s"])
+            out.append({"competing": compete, "best_fixed_threads": best["threads"],
+                        "default_threads": default[0]["threads"],
+                        "best_over_default": best["images_per_s"] / default[0]["images_per_s"]})
+    return out
 
 
 if __name__ == "__main__":

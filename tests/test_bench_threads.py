@@ -17,10 +17,18 @@ def _run(*args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_thread_counts_alone_and_beside_a_busy_process():
-    rows = _run("--threads", "1,2", "--compete", "0,1")["rows"]
-    assert [(r["competing"], r["threads"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+def test_thread_counts_alone_and_beside_a_busy_process_against_the_default():
+    result = _run("--threads", "1,2,default", "--compete", "0,1")
+    rows = result["rows"]
+    assert [(r["competing"], r["threads"], r["policy"]) for r in rows if r["policy"] == "fixed"] == \
+        [(0, 1, "fixed"), (0, 2, "fixed"), (1, 1, "fixed"), (1, 2, "fixed")]
     assert all(r["images_per_s"] > 0 and 0 < r["step_ms_median"] <= r["step_ms_max"] for r in rows)
+    summary = result["default_against_best"]
+    assert [s["competing"] for s in summary] == [0, 1]
+    for s in summary:
+        level = {(r["policy"], r["threads"]): r["images_per_s"] for r in rows if r["competing"] == s["competing"]}
+        best = max(v for (policy, _), v in level.items() if policy == "fixed")
+        assert s["best_over_default"] == pytest.approx(best / level[("default", s["default_threads"])])
 
 
 def test_two_experts_in_turn_and_at_once():
