@@ -25,9 +25,13 @@ def class_count_chart(table, title: str = "Training images per class"):
 
 
 def accuracy_vs_count(per_class, title: str = "Test accuracy vs training count"):
-    """Scatter of per-class test accuracy against training images (log x)."""
+    """Scatter of per-class test accuracy against training images (log x), head and tail apart."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(per_class["train"], per_class["test_acc"], c=np.where(per_class["group"] == "head", "tab:blue", "tab:orange"))
+    for group, color in (("head", "tab:blue"), ("tail", "tab:orange")):
+        rows = per_class[per_class["group"] == group]
+        if len(rows):
+            ax.scatter(rows["train"], rows["test_acc"], color=color, label=f"{group} classes")
+    ax.legend(loc="lower right")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("training images of the class")
