@@ -45,11 +45,24 @@ def _choice(flag: str, value: str, allowed) -> None:
         raise LtexpError(f"unknown --{flag} {value!r}: allowed are {', '.join(allowed)}")
 
 
+# torch.Generator.manual_seed and numpy's RandomState take seeds in [0, 2**32): a seed outside
+# would fail deep inside data loading or training.
+SEED_RANGE = (0, 2**32 - 1)
+
+
 def _check_choices(section) -> None:
+    """Every section's shared checks, before its own: a choice field holds one of its choices, a
+    float field is a finite number (NaN and inf would only surface as a NaN loss blamed on --lr),
+    and a seed lies in SEED_RANGE."""
     for f in fields(section):
+        value, flag = getattr(section, f.name), "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
         if choices is not None:
-            _choice(f.name.replace("_", "-"), getattr(section, f.name), choices)
+            _choice(f.name.replace("_", "-"), value, choices)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LtexpError(f"{flag} {value} is not a finite number")
+        if f.name.endswith("seed") and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise LtexpError(f"{flag} {value} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}]: use e.g. 0, 1, 2")
 
 
 def _is_cifar(cfg: "RunConfig") -> bool:
@@ -309,6 +322,7 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         from ltexp.lifecycle import Every  # late: lifecycle imports torch
 
+        _check_choices(self)
         Every.parse(self.checkpoint_every)
 
 
@@ -369,6 +383,7 @@ class TuneConfig:
                            "study and device, each with an equal share of --threads (small models leave a GPU idle)")
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.jobs < 1:
             raise LtexpError(f"--jobs {self.jobs} must be >= 1 (trials run at once on this machine)")
         if self.n_trials < 1:

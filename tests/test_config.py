@@ -35,3 +35,17 @@ def test_flatten_uses_flag_names():
 def test_bad_values_name_the_value_and_what_is_allowed(make, match):
     with pytest.raises(LtexpError, match=match):
         make()
+
+
+@pytest.mark.parametrize("sections,seed,message", [
+    ({"optim": {"weight_decay": float("nan")}}, 0, "--weight-decay nan is not a finite number"),
+    ({"optim": {"weight_decay": float("inf")}}, 0, "--weight-decay inf is not a finite number"),
+    ({"loss": {"focal_gamma": float("nan")}}, 0, "--focal-gamma nan is not a finite number"),
+    ({"loss": {"ldam_max_margin": float("nan")}}, 0, "--ldam-max-margin nan is not a finite number"),
+    ({}, -1, r"--seed -1 is outside \[0, 4294967295\]"),
+    ({}, 99999999999999999999, r"--seed 99999999999999999999 is outside \[0, 4294967295\]"),
+    ({"data": {"data_seed": -1}}, 0, r"--data-seed -1 is outside \[0, 4294967295\]"),
+])
+def test_every_float_is_finite_and_every_seed_in_range_naming_itself(sections, seed, message):
+    with pytest.raises(LtexpError, match=message):
+        resolve_config(sections, seed=seed)
