@@ -56,6 +56,7 @@ def test_affinity_and_cgroup_quota(clean_env, tmp_path):
 def test_configure_sets_torch(clean_env):
     assert threads.configure_threads(1) == 1 and torch.get_num_threads() == 1
     clean_env.setattr(threads, "available_cpus", lambda: 2)
+    clean_env.setattr(threads, "busy_cpus", lambda: 0)   # whatever else runs beside the test
     assert threads.configure_threads() == 2 and torch.get_num_threads() == 2
 
 
