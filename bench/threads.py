@@ -157,13 +157,14 @@ def main(argv=None) -> list[dict]:
         try:
             for choice in args.threads.split(","):
                 # `default`: the count ltexp itself would choose now, rivals running.
-                threads, source = resolve_threads() if choice == "default" else (int(choice), "fixed")
+                policy = "default" if choice == "default" else "fixed"
+                threads, source = resolve_threads() if policy == "default" else (int(choice), "fixed")
                 r = measure(args.arch, args.batch_size, threads, args.warmup, args.steps, (images_nhwc, labels))
-                row = {"competing": compete, "threads": threads, "policy": "default" if choice == "default" else "fixed",
-                       "source": source, "images_per_s": r["train_images_per_s"],
+                row = {"competing": compete, "threads": threads, "policy": policy, "source": source,
+                       "images_per_s": r["train_images_per_s"],
                        "step_ms_median": r["train_step_ms_median"], "step_ms_max": r["train_step_ms_max"]}
                 rows.append(row)
-                label = f"{threads} ({source})" if choice == "default" else str(threads)
+                label = f"{threads} ({source})" if policy == "default" else str(threads)
                 print(f"{compete:>10} {label:>8} {row['images_per_s']:>10.1f} {row['step_ms_median']:>15.0f} "
                       f"{row['step_ms_max']:>12.0f}", flush=True)
         finally:

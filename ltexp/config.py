@@ -50,7 +50,7 @@ def _choice(flag: str, value: str, allowed) -> None:
 SEED_RANGE = (0, 2**32 - 1)
 
 
-def _check_choices(section) -> None:
+def _check_section(section) -> None:
     """Every section's shared checks, before its own: a choice field holds one of its choices, a
     float field is a finite number (NaN and inf would only surface as a NaN loss blamed on --lr),
     and a seed lies in SEED_RANGE."""
@@ -58,7 +58,7 @@ def _check_choices(section) -> None:
         value, flag = getattr(section, f.name), "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
         if choices is not None:
-            _choice(f.name.replace("_", "-"), value, choices)
+            _choice(flag[2:], value, choices)
         if isinstance(value, float) and not math.isfinite(value):
             raise LtexpError(f"{flag} {value} is not a finite number")
         if f.name.endswith("seed") and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
@@ -109,7 +109,7 @@ class DataConfig:
             )
         if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
             raise LtexpError("--dataset folder: needs a path, e.g. folder:/data/my_images")
-        _check_choices(self)
+        _check_section(self)
         if not (isinstance(self.imb_factor, (int, float)) and 0 < self.imb_factor <= 1):
             raise LtexpError(f"--imb-factor {self.imb_factor!r} is outside (0, 1]: use e.g. 0.1 or 0.01 (1 = keep counts)")
         if self.val_per_class < 0:
@@ -133,7 +133,7 @@ class ModelConfig:
                          choices=MODELS, auto=True)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class OptimConfig:
                                          "trains compiles again", choices=COMPILE_MODES)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
         if self.epochs < 1:
             raise LtexpError(f"--epochs {self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -191,7 +191,7 @@ class MethodConfig:
                             when=lambda cfg: cfg.method.method == "crt")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
         for name in ("lws_epochs", "crt_epochs"):
             if getattr(self, name) < 1:
                 raise LtexpError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
@@ -219,7 +219,7 @@ class LossConfig:
     focal_gamma: float = setting(1.0, "focal: gamma, the focusing exponent", when=_loss_option("focal_gamma"))
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
         if self.ldam_max_margin <= 0 or self.ldam_scale <= 0:
             raise LtexpError(f"--ldam-max-margin {self.ldam_max_margin} and --ldam-scale {self.ldam_scale} must be > 0")
         if self.drw_epoch < 0:
@@ -277,7 +277,7 @@ class SplitConfig:
             if len(parts) != self.num_groups - 1:
                 raise LtexpError(f"--split-at {self.split_at!r} gives {len(parts) + 1} groups but --num-groups is "
                                  f"{self.num_groups}: give num_groups - 1 ranks")
-        _check_choices(self)
+        _check_section(self)
         if self.fusion in ("other", "calibrated_other") and self.expert_mode != "other":
             raise LtexpError(f"--fusion {self.fusion} needs --expert-mode other (experts without an \"other\" label)")
         if self.fusion == "router" and not self.router:
@@ -322,7 +322,7 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         from ltexp.lifecycle import Every  # late: lifecycle imports torch
 
-        _check_choices(self)
+        _check_section(self)
         Every.parse(self.checkpoint_every)
 
 
@@ -343,7 +343,7 @@ class RunConfig:
                                    "holdout validation) or paper (the paper's Table 1; see RUN_PRESETS)")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
         _choice("preset", self.preset, tuple(RUN_PRESETS))
         if self.optim.compile != COMPILE_NONE and self.split.expert_concurrency != SEQUENTIAL:
             # torch.compile's tracing and CUDA-graph trees are per process, not made for two
@@ -383,7 +383,7 @@ class TuneConfig:
                            "study and device, each with an equal share of --threads (small models leave a GPU idle)")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        _check_section(self)
         if self.jobs < 1:
             raise LtexpError(f"--jobs {self.jobs} must be >= 1 (trials run at once on this machine)")
         if self.n_trials < 1:
@@ -400,7 +400,7 @@ class TuneConfig:
         unknown = [f for f in self.fusion_list() if f not in FUSION_RULES]
         if unknown:
             raise LtexpError(f"unknown fusion {unknown[0]!r} in --fusions: allowed are {', '.join(FUSION_RULES)}")
-        _check_choices(self)
+        _check_section(self)
         if self.heartbeat_s < 1:
             raise LtexpError(f"--heartbeat-s {self.heartbeat_s} must be >= 1")
 

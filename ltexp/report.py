@@ -304,13 +304,10 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
                 dots = ax.plot(mean["train"], mean["acc"], marker="o", ms=4, ls="none", alpha=0.7,
                                label=_series_label(method, variant))
                 by_count = mean.groupby("train")["acc"].mean()
-                if s["imb_type"] == "step":
-                    # Two counts with nothing between them: a line from one to the other would
-                    # invent the classes in between, so each count's mean is a bar of its own.
-                    ax.plot(by_count.index, by_count.to_numpy(), marker="_", ms=18, mew=2, ls="none",
-                            color=dots[0].get_color())
-                else:
-                    ax.plot(by_count.index, by_count.to_numpy(), lw=1.2, color=dots[0].get_color())
+                # A step profile has two counts with nothing between them: a line from one to the
+                # other would invent the classes in between, so each count's mean is a bar of its own.
+                style = dict(marker="_", ms=18, mew=2, ls="none") if s["imb_type"] == "step" else dict(lw=1.2)
+                ax.plot(by_count.index, by_count.to_numpy(), color=dots[0].get_color(), **style)
             ax.set_xscale("log")
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("training images of the class (log scale)")
