@@ -140,7 +140,7 @@ def fit(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, stages: 
     "other" label use `macro_acc`).
 
     `on_epoch` receives one dict per epoch: `epoch` (global, from 1), `stage`, `train_loss`,
-    `train_acc`, `lr`, `epoch_time_s`, `train_images_per_s` and the `val_*` metrics. Each
+    `train_acc`, `lr`, `epoch_time_s`, `epoch_images_per_s` and the `val_*` metrics. Each
     stage's loss (`stage.loss`) is called on the batch's logits and labels; the engine knows no
     loss by name. A non-finite training loss raises `LtexpError` at the end of the epoch it
     happened in. `progress` reports epochs to a person (bars or lines). With a `checkpoint`
@@ -260,7 +260,7 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
             val_metrics = classification_metrics(predict_logits(model, val.images), val.labels, info)
             record = {"epoch": global_epoch, "stage": stage.name, "train_loss": train_loss,
                       "train_acc": correct.item() / len(order), "lr": lr, "epoch_time_s": epoch_time,
-                      "train_images_per_s": len(order) / epoch_time if epoch_time > 0 else 0.0,
+                      "epoch_images_per_s": len(order) / epoch_time if epoch_time > 0 else 0.0,
                       **{f"val_{k}": v for k, v in val_metrics.items()}}
             history.append(record)
             if progress is not None:

@@ -499,9 +499,16 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         run.set_tags({"ltexp.fusion": chosen})
     metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
     metrics["test_time_s"] = test_time
-    run.log_metrics(metrics)
+    # Summaries at the last epoch's step, so no curve starts with its final value; a single
+    # model's curves already end with its last epoch's loss, lr and times.
+    last_epoch = max(r.epochs_run for r in results)
+    curves = set(results[0].history[-1]) if in_parent and results[0].history else set()
+    run.log_metrics({k: v for k, v in metrics.items() if k not in curves}, step=last_epoch)
+    if not in_parent and expert_runs and not shared_run:  # each expert's curves on the parent too
+        for spec, result in zip(specs, results):
+            run.log_history(result.history, f"__expert_{spec.name}")
     # The shipped model's validation metrics, as the last point of the val_* curves.
-    run.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=max(r.epochs_run for r in results) + 1)
+    run.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=last_epoch + 1)
     log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
 
     with tempfile.TemporaryDirectory() as tmp:

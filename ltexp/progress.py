@@ -48,7 +48,7 @@ class Progress:
         """After stage epoch `epoch` of `epochs`; `record` holds train_loss, val_acc, images_per_s."""
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record.get('val_acc', float('nan')):.3f}",
-                                  img_s=f"{record.get('train_images_per_s', 0):,.0f}", refresh=False)
+                                  img_s=f"{record.get('epoch_images_per_s', 0):,.0f}", refresh=False)
             self._bar.update()
             if epoch == epochs:
                 self._bar.close()
@@ -60,7 +60,7 @@ class Progress:
             eta = (now - self._stage_started) / epoch * (epochs - epoch)
             print(f"[{self.expert}] {stage} {epoch}/{epochs}  loss {record['train_loss']:.3f}  "
                   f"val_acc {record.get('val_acc', float('nan')):.3f}  "
-                  f"{record.get('train_images_per_s', 0):,.0f} img/s  ETA {_clock(eta)}", file=self.stream, flush=True)
+                  f"{record.get('epoch_images_per_s', 0):,.0f} img/s  ETA {_clock(eta)}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

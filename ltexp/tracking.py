@@ -248,14 +248,28 @@ class Run:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(_finite(metrics), step=step)
 
-    def log_batch(self, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None) -> None:
-        """Metrics (step 0) and tags in one store write (`MlflowClient.log_batch`)."""
+    def log_batch(self, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
+                  step: int = 0) -> None:
+        """Metrics (at `step`) and tags in one store write (`MlflowClient.log_batch`)."""
         from mlflow.entities import Metric, RunTag
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics or {}).items()],
+        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
+
+    def log_history(self, history: list[dict[str, Any]], suffix: str) -> None:
+        """Per-epoch records (`epoch` = step) as curves named `<key><suffix>`, e.g. one expert's
+        `val_acc__expert_tail` on its split parent; in batches of MLflow's 1,000-metric limit."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        points = [Metric(f"{k}{suffix}", v, now, int(record["epoch"]))
+                  for record in history for k, v in _finite({k: v for k, v in record.items()
+                                                             if k not in ("epoch", "stage")}).items()]
+        for start in range(0, len(points), 1000):
+            MlflowClient().log_batch(self.run_id, metrics=points[start:start + 1000], synchronous=True)
 
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)

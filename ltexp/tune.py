@@ -369,7 +369,7 @@ class Objective:
             # One write for the trial's results (metrics and state tag together).
             run.log_batch(metrics={**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value,
                                    "trial_time_s": self.trial_s[-1], "overhead_s": overhead},
-                          tags={"ltexp.trial_state": "COMPLETE"})
+                          tags={"ltexp.trial_state": "COMPLETE"}, step=step)  # the last epoch's step, not 0
             _clear(experts)
         return value
 

@@ -13,7 +13,7 @@ def test_epoch_lines_first_last_and_at_most_every_interval(monkeypatch):
     bar = Progress("head", stream=out, tty=False)
     bar.start_stage("train", 4)
     for epoch in range(1, 5):
-        bar.end_epoch("train", epoch, 4, {"train_loss": 1.0 / epoch, "val_acc": 0.5, "train_images_per_s": 1234.0})
+        bar.end_epoch("train", epoch, 4, {"train_loss": 1.0 / epoch, "val_acc": 0.5, "epoch_images_per_s": 1234.0})
     lines = out.getvalue().splitlines()
     # Epoch 1 (first), epoch 3 (LINE_EVERY_S = 5 s after the last line), epoch 4 (last); not epoch 2.
     assert [line.split()[2] for line in lines] == ["1/4", "3/4", "4/4"]
