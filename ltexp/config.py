@@ -48,12 +48,15 @@ def _choice(flag: str, value: str, allowed) -> None:
 # torch.Generator.manual_seed and numpy's RandomState take seeds in [0, 2**32): a seed outside
 # would fail deep inside data loading or training.
 SEED_RANGE = (0, 2**32 - 1)
+# The largest float32 (torch.finfo(torch.float32).max): settings reach the model as float32
+# scalars (the SGD step is `param.add_(grad, alpha=-lr)`), where a larger value overflows.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_section(section) -> None:
     """Every section's shared checks, before its own: a choice field holds one of its choices, a
-    float field is a finite number (NaN and inf would only surface as a NaN loss blamed on --lr),
-    and a seed lies in SEED_RANGE."""
+    float field is a finite number a float32 can hold (NaN, inf and 1e308 would only surface
+    later, as a NaN loss blamed on --lr or an overflow inside SGD), and a seed lies in SEED_RANGE."""
     for f in fields(section):
         value, flag = getattr(section, f.name), "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
@@ -61,6 +64,9 @@ def _check_section(section) -> None:
             _choice(flag[2:], value, choices)
         if isinstance(value, float) and not math.isfinite(value):
             raise LtexpError(f"{flag} {value} is not a finite number")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise LtexpError(f"{flag} {value:g} is beyond float32's range (|x| <= {FLOAT32_MAX:.7g}), "
+                             "the precision ltexp trains in")
         if f.name.endswith("seed") and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
             raise LtexpError(f"{flag} {value} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}]: use e.g. 0, 1, 2")
 

@@ -42,6 +42,8 @@ def test_bad_values_name_the_value_and_what_is_allowed(make, match):
     ({"optim": {"weight_decay": float("inf")}}, 0, "--weight-decay inf is not a finite number"),
     ({"loss": {"focal_gamma": float("nan")}}, 0, "--focal-gamma nan is not a finite number"),
     ({"loss": {"ldam_max_margin": float("nan")}}, 0, "--ldam-max-margin nan is not a finite number"),
+    ({"optim": {"lr": 1e308}}, 0, r"--lr 1e\+308 is beyond float32's range \(\|x\| <= 3.402823e\+38\)"),
+    ({"optim": {"weight_decay": -1e39}}, 0, r"--weight-decay -1e\+39 is beyond float32's range"),
     ({}, -1, r"--seed -1 is outside \[0, 4294967295\]"),
     ({}, 99999999999999999999, r"--seed 99999999999999999999 is outside \[0, 4294967295\]"),
     ({"data": {"data_seed": -1}}, 0, r"--data-seed -1 is outside \[0, 4294967295\]"),
