@@ -12,7 +12,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from ltexp import LtexpError, __version__
+from ltexp import LtexpError, __version__, redact
 from ltexp.config import (AUTO, DataConfig, LossConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig,
                           TrackingConfig, TuneConfig, resolve_config)
 
@@ -34,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, code: int = 2):
+    message = redact(message)  # argparse and library messages too, not only LtexpError's
     print(f"ltexp: error: {message}", file=sys.stderr)
     import os
 
@@ -254,7 +255,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     closed = lifecycle.sweep(ids, older_than)
     for run in closed:
         print(f"closed {run['run_id']} ({run['run_name']}, experiment {run['experiment_id']}): {run['reason']}")
-    print(f"swept {len(ids)} experiment(s) in {uri}: {len(closed)} stale run(s) closed as KILLED")
+    print(f"swept {len(ids)} experiment(s) in {redact(uri)}: {len(closed)} stale run(s) closed as KILLED")
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ltexp import LtexpError
+from ltexp import LtexpError, redact
 from ltexp.config import RUN_PRESETS, RunConfig, flatten, resolve_config
 from ltexp.progress import CountProgress
 
@@ -192,7 +192,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
     with tracking.start_role_run(experiment, name, "grid", tags, parent_id) as parent:
         if queue.parent_run_id is None:
             queue.set_parent_run_id(parent.run_id)
-        parent.log_params({"grid_name": name, "storage": tune.redact(storage_url), "cells": len(cells),
+        parent.log_params({"grid_name": name, "storage": redact(storage_url), "cells": len(cells),
                            "datasets": grid.datasets, "imb_types": grid.imb_types, "imb_factors": grid.imb_factors,
                            "methods": ",".join(method_names(grid.methods)), "seeds": grid.seeds,
                            "preset": grid.preset, "heartbeat_s": grid.heartbeat_s,

@@ -420,7 +420,7 @@ def error_message(exc: BaseException) -> str:
         from ltexp.lifecycle import interrupt_reason
 
         return interrupt_reason(exc)
-    text = str(exc).strip().splitlines()
+    text = ltexp.redact(str(exc)).strip().splitlines()  # a library's message may quote a URL
     if isinstance(exc, ltexp.LtexpError) and text:
         return text[0][:5000]
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]

@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 import torch
 
-from ltexp import LtexpError, concurrency, lifecycle, tracking
+from ltexp import LtexpError, concurrency, lifecycle, redact, tracking
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.engine import COMPILE_NONE
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
@@ -95,11 +95,6 @@ def default_model_name(dataset: str) -> str:
         folder = Path(dataset[len("folder:"):]).expanduser().resolve().name
         dataset = "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.")
     return f"ltexp-{dataset}"
-
-
-def redact(url: str) -> str:
-    """A storage URL fit for a param: the password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def _journal_path(url: str) -> str | None:
@@ -163,7 +158,7 @@ def open_storage(url: str, heartbeat_s: int):
                 time.sleep(0.5 + attempt)
     except Exception as exc:  # sqlalchemy, driver and OS errors all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LtexpError(f"cannot open Optuna storage {redact(url)}: {reason[:300]}") from None
+        raise LtexpError(f"cannot open Optuna storage {url}: {reason[:300]}") from None
 
 
 @dataclass
@@ -639,7 +634,7 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         study = optuna.create_study(study_name=study_name, storage=storage, pruner=build_pruner(tune.pruner),
                                     direction="maximize", load_if_exists=True)
     except Exception as exc:
-        raise LtexpError(f"cannot create or load study {study_name!r} in {redact(storage_url)}: "
+        raise LtexpError(f"cannot create or load study {study_name!r} in {storage_url}: "
                          f"{str(exc).splitlines()[0][:300]}") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise LtexpError(f"study {study_name!r} exists with direction {study.direction.name.lower()}; ltexp maximises "
@@ -1250,7 +1245,7 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         created = False
     except Exception as exc:
-        raise LtexpError(f"cannot create or load grid study {name!r} in {redact(storage_url)}: "
+        raise LtexpError(f"cannot create or load grid study {name!r} in {storage_url}: "
                          f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
     queue = CellQueue(study, storage, n_cells, heartbeat_s, _sqlite_lock_path(storage_url))
     if created:
@@ -1264,7 +1259,7 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
         time.sleep(0.5)
     saved = study.user_attrs.get(_SETTINGS_ATTR)
     if saved is not None and saved != settings:
-        raise LtexpError(f"grid {name!r} exists in {redact(storage_url)} with other cells or settings: choose "
+        raise LtexpError(f"grid {name!r} exists in {storage_url} with other cells or settings: choose "
                          f"another --grid-name (or leave it empty to name the grid after its settings)")
     if saved is None:
         study.set_user_attr(_SETTINGS_ATTR, settings)
