@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "process may use less those other jobs keep busy at start-up); give each of several "
                               "workers on one machine its share")
 
+    dashboard = commands.add_parser("dashboard", help="Optuna's dashboard on the studies of ltexp tune and grid")
+    dashboard.add_argument("--storage", default="", help="Optuna storage (default: $LTEXP_STORAGE, which keeps a "
+                                                         "password off the command line, else ltexp tune's default)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; the "
+                                                               "dashboard has no login)")
+    dashboard.add_argument("--port", type=_typed("int", "port", False), default=8080, help="port (default: 8080)")
+
     report = commands.add_parser("report", help="tables and plots from an experiment's runs (the paper's Table 2 "
                                                 "and eight-data-set table), also logged as a `report` run")
     report.add_argument("--experiment", default="ltexp", help="MLflow experiment to read (default: ltexp)")
@@ -259,6 +266,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ltexp import tune
+
+    tune.serve_dashboard(args.storage or tune.default_storage(), args.host, args.port)
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from ltexp import tracking
 
@@ -340,9 +354,17 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_threads(getattr(args, "threads", None))
         return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register,
-                "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report}[args.command](args)
+                "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report, "dashboard": cmd_dashboard}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Exception as exc:
+        # A tracking server's 401/403 can come from any MLflow call, mid-run too: one line, like
+        # an LtexpError (the open run was marked FAILED where the server let it be).
+        tracking = sys.modules.get("ltexp.tracking")  # loaded by any command that met a server
+        line = tracking.refusal(exc) if tracking is not None else None
+        if line is None:
+            raise
+        _fail(line)
     except KeyboardInterrupt as exc:
         print(f"ltexp: {lifecycle.interrupt_reason(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -370,7 +370,8 @@ class TuneConfig:
     n_trials: int = setting(20, "trials to finish (COMPLETE or PRUNED); rerunning continues the study up to this")
     study_name: str = setting("", "Optuna study name (empty: ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>)")
     storage: str = setting("", "Optuna storage, RDB URL (sqlite:///..., postgresql://...) or journal file (*.log); "
-                               "empty: sqlite optuna.db beside the MLflow sqlite store")
+                               "empty: $LTEXP_STORAGE (keeps a password off the command line), else sqlite "
+                               "optuna.db beside the MLflow sqlite store")
     metric: str = setting("val_acc", "validation objective, e.g. val_acc, val_tail_acc, 0.5*val_acc+0.5*val_tail_acc")
     search: str = setting("", "extra dimensions, comma-separated: " + ", ".join(SEARCHABLE))
     split_min: int = setting(1, "smallest class rank a group may start at")

@@ -49,7 +49,8 @@ class GridConfig:
                 "joins the same grid)"})
     storage: str = field(default="", metadata={
         "help": "Optuna storage the workers share: sqlite:///..., postgresql://... or a journal file (*.log); "
-                "empty: sqlite optuna.db beside the MLflow sqlite store"})
+                "empty: $LTEXP_STORAGE (keeps a password off the command line), else sqlite optuna.db beside "
+                "the MLflow sqlite store"})
     heartbeat_s: int = field(default=60, metadata={
         "help": "seconds between a worker's heartbeats; a cell silent for twice this is re-run by another worker"})
 

@@ -559,6 +559,24 @@ CREDENTIAL_HINT = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (b
                    "(bearer token) for this server")
 
 
+def refusal(exc: BaseException) -> str | None:
+    """One line for a tracking server's 401 or 403 met mid-command (a run, a tag, a model
+    version), naming the user and what ltexp needs; None for any other exception."""
+    code = getattr(exc, "error_code", None)
+    if code not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user {user!r}" if user else "this client (no MLFLOW_TRACKING_USERNAME)"
+    status = exc.get_http_status_code()
+    what = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+    if code == "UNAUTHENTICATED":
+        return (f"tracking server {mlflow.get_tracking_uri()} refused the login of {who} (HTTP {status}: {what}): "
+                f"{CREDENTIAL_HINT}")
+    return (f"tracking server {mlflow.get_tracking_uri()} refused {who} (HTTP {status}: {what}): ltexp needs EDIT on "
+            f"the experiment it logs to, and on the registered model it registers to; ask the admin to grant it "
+            f"(python deploy/add-user.py {user or '<user>'} --experiment <name> --model <name> --permission EDIT)")
+
+
 def _uri_source() -> str:
     return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "MLflow's default"
 

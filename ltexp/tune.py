@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -80,8 +81,16 @@ def objective_value(terms: list[tuple[float, str]], val_metrics: dict[str, float
     return float(sum(w * val_metrics[k] for w, k in terms))
 
 
+# The Optuna storage when --storage is empty: the environment keeps a password off the command
+# line, where `ps` and /proc/<pid>/cmdline show it to every local user.
+STORAGE_ENV = "LTEXP_STORAGE"
+
+
 def default_storage() -> str:
-    """sqlite `optuna.db` beside an sqlite MLflow store (default: the working directory)."""
+    """$LTEXP_STORAGE, else sqlite `optuna.db` beside an sqlite MLflow store (else in the working
+    directory)."""
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV]
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
@@ -159,6 +168,22 @@ def open_storage(url: str, heartbeat_s: int):
     except Exception as exc:  # sqlalchemy, driver and OS errors all mean the same to the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LtexpError(f"cannot open Optuna storage {url}: {reason[:300]}") from None
+
+
+def serve_dashboard(storage_url: str, host: str, port: int) -> None:
+    """Optuna's dashboard (`optuna_dashboard.run_server`) on the study storage, until stopped.
+
+    The storage is opened by `open_storage` first, which creates Optuna's tables: the dashboard
+    opens an RDB storage with `skip_table_creation=True`, so on a fresh, empty database (a team
+    stack whose workers have not started yet) it fails with `StorageInternalError`."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise LtexpError("ltexp dashboard needs optuna-dashboard: pip install optuna-dashboard "
+                         "(or the ltexp[team] extra)") from None
+    storage = open_storage(storage_url, heartbeat_s=60)
+    print(f"Optuna dashboard of {redact(storage_url)} on http://{host}:{port}/dashboard", flush=True)
+    optuna_dashboard.run_server(storage, host=host, port=port)
 
 
 @dataclass

@@ -217,6 +217,17 @@ def test_read_only_user_can_read_but_gets_403_on_writes(stack, users, trained):
     assert "sneaky" not in {p["key"] for p in after["data"].get("params", [])}
 
 
+def test_ltexp_as_a_read_only_user_fails_in_one_line_naming_the_user_and_the_permission(stack, users, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ltexp", "train", "--epochs", "1", "--no-progress",
+                           "--experiment", EXPERIMENT], cwd=tmp_path, env=_client_env(stack, users["reader"], tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"ltexp: error: tracking server {stack.tracking_uri} refused user 'reader' (HTTP 403")
+    assert "ltexp needs EDIT on the experiment it logs to" in proc.stderr
+    assert users["reader"][1] not in proc.stderr
+
+
 def _compose_run(service: dict, variables: dict[str, str], stack) -> tuple[list[str], dict[str, str]]:
     """A compose service's command line and environment as `docker compose` runs them: `.env`
     `variables` interpolated (`${X}`, `${X:-d}`, `${X:?m}`, `${X:+v}`, `$$`), the service names
@@ -258,12 +269,18 @@ def tuned(stack, users, trained, compose, tmp_path_factory):
     assert made.returncode == 0, made.stderr
     assert "created user worker" in made.stdout and "granted EDIT on registered model ltexp-digits" in made.stdout
     argv, env = _compose_run(compose["services"]["worker"], variables, stack)
-    assert argv[:2] == ["sh", "-c"] and "--storage" in argv[2]
+    # The storage (with the database password) reaches ltexp tune as LTEXP_STORAGE, not a flag.
+    assert argv[:2] == ["sh", "-c"] and "--storage" not in argv[2] and "LTEXP_STORAGE" in env
     procs = []
     for i in range(2):
         cwd = tmp_path_factory.mktemp(f"worker{i}")
         procs.append(subprocess.Popen(argv, cwd=cwd, env={**base_env, **env}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, preexec_fn=native_stack.die_with_parent))
+    for proc in procs:  # what `ps` shows every local user: no password (sh, then the exec'd ltexp)
+        for _ in range(2):
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+            assert variables["POSTGRES_PASSWORD"] not in cmdline, cmdline
+            time.sleep(1)
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)
@@ -308,30 +325,53 @@ def test_two_workers_share_one_study_through_the_authenticated_server(stack, use
     assert len(versions) == 3  # the trained model + one candidate per worker session
 
 
-def test_optuna_dashboard_shows_the_shared_study(stack, tuned, tmp_path):
-    dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    if not dashboard.exists():
-        _missing("optuna-dashboard")
+def _serve_dashboard(compose, stack, storage: str, cwd: Path) -> tuple[subprocess.Popen, int]:
+    """docker-compose.yml's `optuna-dashboard` command and environment, natively on a loopback
+    port, with `storage` as its LTEXP_STORAGE; returns the process once the dashboard answers."""
+    service = compose["services"]["optuna-dashboard"]
+    argv, env = _compose_run(service, {"POSTGRES_USER": "ltexp", "POSTGRES_PASSWORD": "unused"}, stack)
+    assert argv[:2] == ["ltexp", "dashboard"] and "--storage" not in argv and set(env) == {"LTEXP_STORAGE"}
     (port,) = native_stack.free_ports(1)
-    # The compose service's command: the storage URL from the environment, loopback only here.
-    proc = subprocess.Popen(["sh", "-c", f'exec "{dashboard}" "$OPTUNA_STORAGE" --host 127.0.0.1 --port {port}'],
-                            env=dict(os.environ, OPTUNA_STORAGE=tuned["storage"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
+    argv = [sys.executable, "-m", "ltexp", *argv[1:]]
+    argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)
+    proc = subprocess.Popen(argv, cwd=cwd, env={**_client_env(stack, ("", ""), cwd), "LTEXP_STORAGE": storage},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=native_stack.die_with_parent)
+    while True:  # until it answers, or fails the test when it exits
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).status_code == 200:
+                return proc, port
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"ltexp dashboard exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.3)
+
+
+def test_compose_dashboard_starts_on_an_empty_database(stack, compose, tmp_path):
+    """A fresh stack: the dashboard may start before any worker has created Optuna's tables."""
+    import psycopg
+
+    with psycopg.connect(stack.db_url("postgres").replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as con:
+        con.execute("CREATE DATABASE optuna_fresh")
+    proc, port = _serve_dashboard(compose, stack, stack.db_url("optuna_fresh"), tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                studies = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()["study_summaries"]
-                break
-            except (requests.ConnectionError, ValueError):
-                assert proc.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not start"
-                time.sleep(0.3)
+        assert requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()["study_summaries"] == []
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert stack.secrets()[0] not in cmdline  # the database password is not on its command line
+    finally:
+        native_stack.stop_process(proc)
+
+
+def test_optuna_dashboard_shows_the_shared_study(stack, tuned, compose, tmp_path):
+    proc, port = _serve_dashboard(compose, stack, tuned["storage"], tmp_path)
+    try:
+        studies = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()["study_summaries"]
         assert "team" in [s["study_name"] for s in studies]
         assert requests.get(f"http://127.0.0.1:{port}/dashboard", timeout=5).status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        native_stack.stop_process(proc)
 
 
 def test_champion_loads_through_the_proxy_with_the_edit_users_login(stack, users, tuned, monkeypatch, tmp_path):

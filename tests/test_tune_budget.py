@@ -121,6 +121,9 @@ def test_a_worker_whose_trials_all_fail_stops_after_n_of_its_own(tmp_path):
     assert not TrialBudget(study, storage, url, n_trials=3).optimize(lambda trial: 1.0)  # nothing due
 
 
+# The test plays the other workers with `study.ask()`, outside `Study.optimize`, which Optuna
+# warns about on a storage with heartbeats; ltexp's own trials run inside `optimize`.
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
     """A worker killed between creating its trial and the trial's first heartbeat (seen: SIGKILL
     right after a trial ended) leaves a RUNNING trial that Optuna's stale check never fails: it
