@@ -313,7 +313,7 @@ class TrackingConfig:
 
     experiment: str = setting("", "MLflow experiment (empty: $MLFLOW_EXPERIMENT_NAME, else ltexp; under `mlflow run` "
                                   "its --experiment-name decides)", when=_never)
-    run_name: str = setting("", "MLflow run name (empty: <method>·<dataset>·<imb_type><imb_factor>·s<seed>)",
+    run_name: str = setting("", "MLflow run name (empty: <method>·<dataset>·<imb_type><imb_factor>·e<epochs>·s<seed>)",
                             when=_never)
     register_as: str = setting("", "register the run's model under this name when the run ends (empty: don't)",
                                when=_never)

@@ -1,7 +1,7 @@
 """The study matrix (`ltexp grid`): data sets x imbalance profiles x factors x seeds x methods.
 
 Each cell is an ordinary experiment run (`experiment.execute` on a resolved `RunConfig`), nested
-under one parent run with role `grid`, named like `split·cifar100·exp0.01·s0` and tagged with
+under one parent run with role `grid`, named like `split·cifar100·exp0.01·e200·s0` and tagged with
 `ltexp.grid`, `ltexp.cell` and `ltexp.config_hash` (a hash of the resolved configuration).
 
 Resume: a cell whose configuration already has a FINISHED run in the experiment is not run
@@ -92,7 +92,7 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def cell_name(cfg: RunConfig) -> str:
-    """`split·cifar100·exp0.01·s0`: every experiment run's default name."""
+    """`split·cifar100·exp0.01·e200·s0`: every experiment run's default name."""
     from ltexp import tracking  # late, as in run_grid: `ltexp --help` / `ltexp data` need no mlflow
 
     return tracking.default_run_name(cfg)
@@ -247,9 +247,11 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
             bar.close()
         counts = queue.counts()
         wall = time.perf_counter() - started
-        # Each worker adds one value to the worker_* histories; cells_* are the grid's state now.
-        parent.log_metrics({"cells_total": len(cells), "cells_done": counts["done"], "cells_failed": counts["failed"],
-                            "worker_wall_s": wall, "worker_cells_run": len(ran), "worker_cells_reused": len(reused)})
+        # Each worker adds one value to the worker_* histories (measurements); the cell counts are
+        # the grid's state now, tags, so the chart view does not open on bookkeeping.
+        parent.set_tags({"ltexp.cells_total": len(cells), "ltexp.cells_done": counts["done"],
+                         "ltexp.cells_failed": counts["failed"]})
+        parent.log_metrics({"worker_wall_s": wall, "worker_cells_run": len(ran), "worker_cells_reused": len(reused)})
         parent.log_table(cell_table(queue, cells), "grid/cells.csv")
         if counts["failed"]:
             raise LtexpError(f"grid {name}: {counts['failed']} of {len(cells)} cells failed "

@@ -151,11 +151,13 @@ def store_identity(uri: str | None = None) -> str:
 
 
 def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
-    """A readable run name: `split·cifar100·exp0.01·s0` (`tune·digits·exp0.01` for a study)."""
+    """A readable run name: `split·cifar100·exp0.01·e200·s0` (`tune·digits·exp0.01·e100` for a
+    study): the epochs tell a 10-epoch grid cell from a 200-epoch run of the same setting."""
     dataset = cfg.data.dataset
     if dataset.startswith("folder:"):
         dataset = "folder:" + (Path(dataset[len("folder:"):]).name or dataset[len("folder:"):])
-    parts = [cfg.method.method if role != "tune" else "tune", dataset, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}"]
+    parts = [cfg.method.method if role != "tune" else "tune", dataset, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
+             f"e{cfg.optim.epochs}"]
     return "·".join(parts + ([f"s{cfg.seed}"] if role != "tune" else []))
 
 

@@ -143,7 +143,7 @@ def test_every_method_logs_a_complete_run(subprocess_env, capsys, method, params
     assert data.params["method"] == method and data.params["loss"] in ("ce", method.replace("_drw", ""))
     unused = {"sampling", "fusion", "expert_mode", "register_as"} - ({"sampling"} if method == "resample" else set())
     assert not unused & set(data.params)
-    assert run.info.run_name == f"{method}·digits·exp0.01·s0"
+    assert run.info.run_name == f"{method}·digits·exp0.01·e3·s0"
     if method.endswith(("posthoc", "norm")):
         assert "posthoc_tau" in data.metrics
     assert ARTIFACTS <= _artifacts(run.info.run_id)
@@ -420,6 +420,7 @@ def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subproces
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     by_name = {r.info.run_name: client.get_experiment(r.info.experiment_id).name for r in _all_runs()}
-    assert by_name == {"baseline·digits·exp0.01·s0": "lab-study", "baseline·digits·exp0.01·s1": "lab-study",
-                       "mine": "ltexp", "baseline·digits·exp0.01·s3": "ltexp", "baseline·digits·exp0.01·s4": "other"}
+    assert by_name == {"baseline·digits·exp0.01·e1·s0": "lab-study", "baseline·digits·exp0.01·e1·s1": "lab-study",
+                       "mine": "ltexp", "baseline·digits·exp0.01·e1·s3": "ltexp",
+                       "baseline·digits·exp0.01·e1·s4": "other"}
     assert {e.name for e in client.search_experiments()} == {"Default", "lab-study", "ltexp", "other"}

@@ -34,13 +34,14 @@ def test_grid_end_to_end_then_the_same_command_launches_nothing(mlflow_store, tm
     assert len(cells) == 8 and all(c.info.status == "FINISHED" for c in cells)
     assert {c.data.tags["mlflow.parentRunId"] for c in cells} == {parent.info.run_id}
     assert sorted(c.info.run_name for c in cells) == sorted(
-        f"{m}·digits·{t}0.1·s{s}" for m in ("baseline", "resample") for t in ("exp", "step") for s in (0, 1))
+        f"{m}·digits·{t}0.1·e2·s{s}" for m in ("baseline", "resample") for t in ("exp", "step") for s in (0, 1))
     for cell in cells:  # ordinary experiment runs: params, metrics, artifacts, model
         assert cell.data.params["epochs"] == "2" and cell.data.params["preset"] == "ltexp"
         assert cell.data.params["method"] == cell.data.tags["ltexp.method"]
         assert "test_acc" in cell.data.metrics and len(cell.data.tags["ltexp.config_hash"]) == 16
     assert len({c.data.tags["ltexp.config_hash"] for c in cells}) == 8
-    assert parent.data.metrics["cells_done"] == 8 and parent.data.params["preset"] == "ltexp"
+    assert parent.data.tags["ltexp.cells_done"] == "8" and not {"cells_done", "cells_total"} & set(parent.data.metrics)
+    assert parent.data.params["preset"] == "ltexp"
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="grid/cells.csv",
                                                             dst_path=str(tmp_path / "dl")))
     assert list(table["state"]) == ["COMPLETE"] * 8 and set(table["run_id"]) == {c.info.run_id for c in cells}
@@ -77,7 +78,7 @@ def test_failed_cells_fail_the_grid_and_a_rerun_retries_only_them(mlflow_store, 
         failed = _runs("tags.`ltexp.role` = 'experiment' and attributes.status = 'FAILED'")
         assert len(failed) == attempt and "missing does not exist" in failed[0].data.tags["ltexp.error"]
         done = _runs("tags.`ltexp.role` = 'experiment' and attributes.status = 'FINISHED'")
-        assert [r.info.run_name for r in done] == ["baseline·digits·exp0.1·s0"]  # run once, then skipped
+        assert [r.info.run_name for r in done] == ["baseline·digits·exp0.1·e1·s0"]  # run once, then skipped
     (parent,) = _runs("tags.`ltexp.role` = 'grid'")
     assert parent.info.status == "FAILED" and "1 of 2 cells failed" in parent.data.tags["ltexp.error"]
 
