@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ltexp import LtexpError, redact
-from ltexp.config import RUN_PRESETS, RunConfig, flatten, resolve_config
+from ltexp.config import BOOKKEEPING_FIELDS, RUN_PRESETS, RunConfig, flatten, resolve_config
 from ltexp.progress import CountProgress
 
-# Settings that never change what a cell computes: left out of its configuration hash.
-NOT_HASHED = {"experiment", "run_name", "register_as", "alias", "device"}
+# Settings that never change what a cell computes (the config's bookkeeping fields): left out
+# of its configuration hash, so rerunning a grid with e.g. another --checkpoint-every or
+# --compile reuses its FINISHED cells.
+NOT_HASHED = set(BOOKKEEPING_FIELDS)
 # The matrix's own fields: set per cell, so they are not accepted as fixed settings.
 MATRIX_FIELDS = {"dataset", "imb_type", "imb_factor", "method", "seed", "run_name"}
 

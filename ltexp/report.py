@@ -35,9 +35,10 @@ PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"
 MAIN = (("acc", "Accuracy"), ("head_acc", "Head"), ("tail_acc", "Tail"))
 SHOTS = ("many", "medium", "few")
 KEYS = ("dataset", "imb_type", "imb_factor", "preset", "method", "variant")
-# Params that never change what a run computes, or follow from the data set: not a variant.
-NOT_VARIANT = {"seed", "run_name", "experiment", "register_as", "alias", "device", "data_dir", "download",
-               "dataset", "imb_type", "imb_factor", "method", "preset"}
+# Params that are not a variant of a method: the table's own keys, the seed (what is averaged),
+# where the data is read from, and the config's bookkeeping fields (`BOOKKEEPING_FIELDS`: they
+# never change what a run computes, so e.g. a compiled run sits on the same row as an eager one).
+NOT_VARIANT = {"seed", "data_dir", "dataset", "imb_type", "imb_factor", "method", "preset"}
 HONEST = "honest"
 ORACLE = "oracle (true group: upper bound)"
 
@@ -59,9 +60,9 @@ def load_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
 
 
 def _setting_fields() -> list[str]:
-    from ltexp.config import RunConfig, flatten
+    from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, flatten
 
-    return [k for k in flatten(RunConfig()) if k not in NOT_VARIANT]
+    return [k for k in flatten(RunConfig()) if k not in NOT_VARIANT and k not in BOOKKEEPING_FIELDS]
 
 
 def tidy(raw: pd.DataFrame) -> pd.DataFrame:
@@ -271,6 +272,51 @@ def _series_label(method: str, variant: str) -> str:
     return method + (f" [{variant}]" if variant else "")
 
 
+def head_vs_tail_figure(runs: pd.DataFrame):
+    """Every run's head vs tail test accuracy: colour = method (and variant), marker = data set,
+    hollow = the same run with oracle routing; one legend entry per method, data set and oracle."""
+    from ltexp import plots
+
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X<>"
+    setting_keys = list(dict.fromkeys(zip(runs["dataset"], runs["imb_type"], runs["imb_factor"])))
+    methods, any_oracle = [], False
+    for i, ((method, variant), g) in enumerate(runs.groupby(["method", "variant"], sort=True)):
+        colour = colours[i % len(colours)]
+        for j, key in enumerate(setting_keys):
+            h = g[(g["dataset"] == key[0]) & (g["imb_type"] == key[1]) & np.isclose(g["imb_factor"], key[2])]
+            if h.empty:
+                continue
+            marker = markers[j % len(markers)]
+            ax.scatter(h["test_head_acc"], h["test_tail_acc"], color=colour, marker=marker, s=36)
+            if "test_oracle_head_acc" in h and h["test_oracle_head_acc"].notna().any():
+                any_oracle = True
+                ax.scatter(h["test_oracle_head_acc"], h["test_oracle_tail_acc"], facecolors="none",
+                           edgecolors=colour, marker=marker, s=36)
+        methods.append((colour, _series_label(method, variant)))
+    # One legend entry per method (colour), per data set (marker) and for the oracle (hollow),
+    # not one per combination: 4 methods on 8 data sets make 13 entries, not up to 64.
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=label) for c, label in methods]
+    handles += [Line2D([], [], color="dimgrey", marker=markers[j % len(markers)], ls="", label=setting_label(*key))
+                for j, key in enumerate(setting_keys)]
+    if any_oracle:
+        handles.append(Line2D([], [], color="dimgrey", marker="o", mfc="none", ls="",
+                              label="hollow: oracle routing (upper bound)"))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("head-class test accuracy")
+    ax.set_ylabel("tail-class test accuracy")
+    ax.set_title("Head vs tail accuracy, every run (hollow: oracle routing)")
+    # Outside the axes, and no tight_layout (it would shrink them).
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
 def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[tuple[str, Path]]:
     """Per-class accuracy vs training count (log x), many/medium/few bars and the class-count chart
     for each setting, and one head-vs-tail scatter of every run. Returns (title, png) pairs."""
@@ -342,31 +388,7 @@ def plot_all(runs: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> list[t
             save(fig, f"shots_{slug}", f"Many / medium / few-shot accuracy — {label}")
 
     if "test_head_acc" in runs and runs["test_head_acc"].notna().any():
-        fig, ax = plt.subplots(figsize=(6.5, 6))
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        markers = "osD^vP*X<>"
-        setting_keys = list(dict.fromkeys(zip(runs["dataset"], runs["imb_type"], runs["imb_factor"])))
-        for i, ((method, variant), g) in enumerate(runs.groupby(["method", "variant"], sort=True)):
-            colour = colours[i % len(colours)]
-            for j, key in enumerate(setting_keys):
-                h = g[(g["dataset"] == key[0]) & (g["imb_type"] == key[1]) & np.isclose(g["imb_factor"], key[2])]
-                if h.empty:
-                    continue
-                marker = markers[j % len(markers)]
-                ax.scatter(h["test_head_acc"], h["test_tail_acc"], color=colour, marker=marker, s=36,
-                           label=f"{_series_label(method, variant)} · {setting_label(*key)}")
-                if "test_oracle_head_acc" in h and h["test_oracle_head_acc"].notna().any():
-                    ax.scatter(h["test_oracle_head_acc"], h["test_oracle_tail_acc"], facecolors="none",
-                               edgecolors=colour, marker=marker, s=36,
-                               label=f"{_series_label(method, variant)} oracle (upper bound) · {setting_label(*key)}")
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("head-class test accuracy")
-        ax.set_ylabel("tail-class test accuracy")
-        ax.set_title("Head vs tail accuracy, every run (hollow: oracle routing)")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # no tight_layout: it would shrink the axes
-        save(fig, "head_vs_tail", "Head vs tail accuracy of every run")
+        save(head_vs_tail_figure(runs), "head_vs_tail", "Head vs tail accuracy of every run")
     return figures
 
 

@@ -50,8 +50,9 @@ def test_grid_end_to_end_then_the_same_command_launches_nothing(mlflow_store, tm
     assert {t.state.name for t in study.get_trials()} == {"COMPLETE"}
     assert "8/8 cells done (8 run by this worker" in capsys.readouterr().out
 
-    # The same command again: no new run at all, the parent is the same.
-    assert main(["grid", *MATRIX, "--storage", storage, "--no-progress"]) == 0
+    # The same command again, bookkeeping settings changed: no new run at all, the parent is the same.
+    assert main(["grid", *MATRIX, "--storage", storage, "--no-progress", "--checkpoint-every", "1",
+                 "--expert-concurrency", "sequential", "--resume", "false"]) == 0
     assert len(_runs("tags.`ltexp.role` = 'experiment'")) == 8
     assert len(_runs("tags.`ltexp.role` = 'grid'")) == 1
     assert "8/8 cells done (0 run by this worker, 0 reused" in capsys.readouterr().out

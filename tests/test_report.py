@@ -147,3 +147,17 @@ def test_shipped_paper_file_parses_and_markdown_escapes():
     assert list(paper.columns) == ["dataset", "imb_type", "imb_factor", "method", "metric", "value", "source"]
     assert set(paper["metric"]) <= {"acc", "head_acc", "tail_acc"} and np.all(paper["value"].between(0, 100))
     assert markdown_table(pd.DataFrame({"a|b": ["x|y"]})) == "| a\\|b |\n|---|\n| x\\|y |"
+
+
+def test_head_vs_tail_legend_has_one_entry_per_method_data_set_and_the_oracle():
+    from ltexp.report import head_vs_tail_figure
+
+    settings = [("cifar10", t, f) for t in ("exp", "step") for f in (0.1, 0.01)]
+    rows = [{"method": m, "variant": "", "dataset": d, "imb_type": t, "imb_factor": f, "test_head_acc": 0.8,
+             "test_tail_acc": 0.3, **({"test_oracle_head_acc": 0.9, "test_oracle_tail_acc": 0.5} if m == "split" else {})}
+            for m in ("baseline", "lws", "resample", "split") for d, t, f in settings]
+    fig = head_vs_tail_figure(pd.DataFrame(rows))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["baseline", "lws", "resample", "split", "cifar10 exp 0.1", "cifar10 exp 0.01",
+                      "cifar10 step 0.1", "cifar10 step 0.01", "hollow: oracle routing (upper bound)"]
+    assert len(fig.axes[0].collections) == 4 * 4 + 4  # every run drawn, and split's oracle points too
