@@ -267,9 +267,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from ltexp import tune
+    from ltexp.coord.storage import default_storage, serve_dashboard
 
-    tune.serve_dashboard(args.storage or tune.default_storage(), args.host, args.port)
+    serve_dashboard(args.storage or default_storage(), args.host, args.port)
     return 0
 
 

@@ -8,7 +8,7 @@ Resume: a cell whose configuration already has a FINISHED run in the experiment 
 again (its run is reused); failed and killed cells are run again.
 
 Many workers: the cells are trials of one Optuna study in the same storage `ltexp tune` uses
-(`ltexp.tune.CellQueue`): every process started with the same command and `--storage` takes the
+(`ltexp.coord.cells.CellQueue`): every process started with the same command and `--storage` takes the
 next free cell, so N workers on N machines run every cell once; a worker killed mid-cell stops
 beating its heartbeat and another worker re-runs that cell.
 """
@@ -178,23 +178,24 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
              poll_s: float | None = None) -> GridResult:
     """Run this worker's share of the grid: claim cells until none is free, wait for the cells other
     workers hold (taking over those whose worker died), then summarise on the parent run."""
-    from ltexp import tracking, tune
+    from ltexp import tracking
+    from ltexp.coord.cells import RUN_ID_ATTR, open_cell_queue
+    from ltexp.coord.claim import parent_run_id, record_parent_run
+    from ltexp.coord.storage import default_storage
     from ltexp.experiment import execute
 
     started = time.perf_counter()
     cells = build_cells(grid, fixed, device)
     name = grid_name(grid, cells)
     experiment = tracking.experiment_name(cells[0].cfg)
-    storage_url = grid.storage or tune.default_storage()
+    storage_url = grid.storage or default_storage()
     settings = {"cells": [[c.name, c.config_hash] for c in cells], "preset": grid.preset}
-    queue, created = tune.open_cell_queue(storage_url, name, len(cells), settings, grid.heartbeat_s)
+    queue, _ = open_cell_queue(storage_url, name, len(cells), settings, grid.heartbeat_s)
     tags = {"ltexp.grid": name, "ltexp.preset": grid.preset}
     ran, reused, failed = [], [], []
-    # One parent run per grid: the worker that created the study opens it, the others join it.
-    parent_id = queue.parent_run_id if created else queue.wait_parent_run_id()
-    with tracking.start_role_run(experiment, name, "grid", tags, parent_id) as parent:
-        if queue.parent_run_id is None:
-            queue.set_parent_run_id(parent.run_id)
+    # One parent run per grid, claimed as a study's is: the first worker opens it, the rest join it.
+    with tracking.start_role_run(experiment, name, "grid", tags, parent_run_id(queue.study)) as parent:
+        record_parent_run(queue.study, parent.run_id)
         parent.log_params({"grid_name": name, "storage": redact(storage_url), "cells": len(cells),
                            "datasets": grid.datasets, "imb_types": grid.imb_types, "imb_factors": grid.imb_factors,
                            "methods": ",".join(method_names(grid.methods)), "seeds": grid.seeds,
@@ -219,7 +220,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
                                                  f"the cell was handed to another worker")
                 previous = tracking.find_finished_run(experiment_id, "ltexp.config_hash", cell.config_hash)
                 if previous is not None:
-                    queue.finish(claim, 0.0, {tune.RUN_ID_ATTR: previous, "ltexp.reused": True})
+                    queue.finish(claim, 0.0, {RUN_ID_ATTR: previous, "ltexp.reused": True})
                     reused.append(cell.name)
                     bar.update(queue.counts()["done"], f"{cell.name} already FINISHED (run {previous[:8]})")
                     continue
@@ -230,7 +231,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
                 with queue.heartbeat(claim):
                     try:
                         with parent.child(cell.name, cell_tags) as run:
-                            queue.set_attrs(claim, {tune.RUN_ID_ATTR: run.run_id, "ltexp.run_name": cell.name})
+                            queue.set_attrs(claim, {RUN_ID_ATTR: run.run_id, "ltexp.run_name": cell.name})
                             run.log_config(cell.cfg)
                             result = execute(cell.cfg, run, progress=False)
                     except Exception as exc:  # the cell's run is FAILED with the reason; go on
@@ -265,7 +266,7 @@ def cell_table(queue, cells: list[Cell]):
     """One row per cell: name, state over all its attempts, its run, attempts, configuration hash."""
     import pandas as pd
 
-    from ltexp import tune
+    from ltexp.coord.cells import RUN_ID_ATTR
 
     rows = []
     states = queue.cell_states()
@@ -274,7 +275,7 @@ def cell_table(queue, cells: list[Cell]):
         complete = [t for t in trials if t.state.name == "COMPLETE"]
         last = complete[0] if complete else (trials[-1] if trials else None)
         rows.append({"cell": cell.index, "name": cell.name, "state": last.state.name if last else "NONE",
-                     "run_id": (last.user_attrs.get(tune.RUN_ID_ATTR, "") if last else ""),
+                     "run_id": (last.user_attrs.get(RUN_ID_ATTR, "") if last else ""),
                      "reused": bool(last.user_attrs.get("ltexp.reused", False)) if last else False,
                      "attempts": len([t for t in trials if "ltexp.duplicate_of" not in t.user_attrs]),
                      "config_hash": cell.config_hash})

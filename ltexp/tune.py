@@ -1,4 +1,5 @@
-"""Optuna tuning of split experts: the only module that imports optuna.
+"""Optuna tuning of split experts (`ltexp tune`); what it shares with `ltexp grid` to coordinate
+workers (storages, the trial budget, the parent-run claim) is in `ltexp.coord`.
 
 Search space (always): the split point(s) `split_at` over class ranks, `clip_norm` (off, or log
 scale in [clip_min, clip_max]) and the fusion rule. Optional (`--search`): lr, weight_decay,
@@ -21,7 +22,6 @@ import gc
 import json
 import logging
 import multiprocessing
-import os
 import re
 import shutil
 import sys
@@ -38,6 +38,9 @@ import torch
 
 from ltexp import LtexpError, concurrency, lifecycle, redact, tracking
 from ltexp.config import RunConfig, TuneConfig
+from ltexp.coord.budget import TrialBudget, state_counts
+from ltexp.coord.claim import parent_run_id, record_parent_run
+from ltexp.coord.storage import default_storage, open_storage
 from ltexp.engine import COMPILE_NONE
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
@@ -81,22 +84,6 @@ def objective_value(terms: list[tuple[float, str]], val_metrics: dict[str, float
     return float(sum(w * val_metrics[k] for w, k in terms))
 
 
-# The Optuna storage when --storage is empty: the environment keeps a password off the command
-# line, where `ps` and /proc/<pid>/cmdline show it to every local user.
-STORAGE_ENV = "LTEXP_STORAGE"
-
-
-def default_storage() -> str:
-    """$LTEXP_STORAGE, else sqlite `optuna.db` beside an sqlite MLflow store (else in the working
-    directory)."""
-    if os.environ.get(STORAGE_ENV):
-        return os.environ[STORAGE_ENV]
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
-
-
 def default_model_name(dataset: str) -> str:
     """The registered-model name when --model-name is empty: `ltexp-<dataset>`, and for a folder
     data set `ltexp-folder-<folder name>` (MLflow refuses '/' and ':' in a name)."""
@@ -104,86 +91,6 @@ def default_model_name(dataset: str) -> str:
         folder = Path(dataset[len("folder:"):]).expanduser().resolve().name
         dataset = "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.")
     return f"ltexp-{dataset}"
-
-
-def _journal_path(url: str) -> str | None:
-    """The file a journal storage URL names (`*.log`, `*.journal` or `journal:<path>`); else None."""
-    if url.startswith("journal:"):
-        return url[len("journal:"):]
-    return url if url.endswith((".log", ".journal")) else None
-
-
-def _sqlite_lock_path(url: str) -> Path | None:
-    """The lock file ltexp keeps beside an sqlite database (`sqlite:///<path>`); else None."""
-    return Path(f"{url[len('sqlite:///'):]}.ltexp-lock") if url.startswith("sqlite:///") else None
-
-
-def _flock(path: Path, wait_s: float | None = None):
-    """Take an exclusive lock on the file `path` (made if missing); returns the function that
-    releases it, or None when it was not obtained in `wait_s` seconds (None: wait until it is)."""
-    import fcntl
-
-    handle = open(path, "a")
-    deadline = None if wait_s is None else time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                handle.close()
-                return None
-            time.sleep(0.01)
-
-    def release() -> None:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-    return release
-
-
-def open_storage(url: str, heartbeat_s: int):
-    """An Optuna storage: RDB URL (with heartbeats and retry of dead workers' trials) or a journal
-    file (`*.log`, `*.journal` or `journal:<path>`). Unreachable storage -> one-line error."""
-    try:
-        if _journal_path(url) is not None:
-            from optuna.storages.journal import JournalFileBackend
-
-            return optuna.storages.JournalStorage(JournalFileBackend(_journal_path(url)))
-        for attempt in range(4):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are wanted
-                    return optuna.storages.RDBStorage(
-                        url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                            max_retry=2, inherit_intermediate_values=True),
-                        engine_kwargs={"pool_pre_ping": True})
-            except Exception as exc:
-                # Workers started together on an empty database all create Optuna's tables; in
-                # PostgreSQL the losers fail with "duplicate key ... pg_type_typname_nsp_index" or
-                # "already exists" (optuna/optuna#1092). The tables exist by then: open again.
-                if attempt == 3 or not re.search(r"already exists|duplicate key", str(exc)):
-                    raise
-                time.sleep(0.5 + attempt)
-    except Exception as exc:  # sqlalchemy, driver and OS errors all mean the same to the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LtexpError(f"cannot open Optuna storage {url}: {reason[:300]}") from None
-
-
-def serve_dashboard(storage_url: str, host: str, port: int) -> None:
-    """Optuna's dashboard (`optuna_dashboard.run_server`) on the study storage, until stopped.
-
-    The storage is opened by `open_storage` first, which creates Optuna's tables: the dashboard
-    opens an RDB storage with `skip_table_creation=True`, so on a fresh, empty database (a team
-    stack whose workers have not started yet) it fails with `StorageInternalError`."""
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise LtexpError("ltexp dashboard needs optuna-dashboard: pip install optuna-dashboard "
-                         "(or the ltexp[team] extra)") from None
-    storage = open_storage(storage_url, heartbeat_s=60)
-    print(f"Optuna dashboard of {redact(storage_url)} on http://{host}:{port}/dashboard", flush=True)
-    optuna_dashboard.run_server(storage, host=host, port=port)
 
 
 @dataclass
@@ -427,206 +334,6 @@ class TuneResult:
     experts_reused: int
 
 
-def _state_counts(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-class TrialBudget:
-    """At most `n_trials` trials done or running in a study, however many workers share it.
-
-    Optuna's MaxTrialsCallback counts after a trial ends, and the next trial is created later,
-    in the next `ask`: two workers that finish together both count n - 1 and both start one more
-    (seen: 5 trials for `--n-trials 4` with two workers on PostgreSQL). Here each worker counts
-    and creates its next trial under one lock that every worker of the study takes, so the count
-    a worker reads includes every trial another worker has started:
-
-    - PostgreSQL: a session advisory lock keyed by the study name (every machine of a team);
-    - MySQL: `GET_LOCK` on the same key;
-    - sqlite database or journal file: an exclusive file lock beside it (one machine, as those
-      storages are; the grid's claims take the same lock file);
-    - any other storage: no lock, and the count is MaxTrialsCallback's.
-
-    `optimize` runs the study this way: `take()` before the first trial and after each
-    (`next_or_stop`, the last optimize callback); while it returns True the lock stays held until
-    the trial exists and has its first heartbeat (the `wrap`ped objective is entered) or
-    `release()`. So a RUNNING trial without a heartbeat, seen under the lock, belongs to a worker
-    that died between creating it and its first heartbeat (seen: a SIGKILL right after a trial
-    ended). Optuna never fails such a trial (its stale check reads heartbeats only), and it would
-    hold one of the study's trials for good: `take()` fails it and queues it again. A lock not obtained in
-    `wait_s` seconds (a worker's machine vanished while holding it; PostgreSQL drops the session
-    when TCP gives up) is skipped with a warning: the study goes on, at worst one trial over.
-    """
-
-    COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-
-    def __init__(self, study: optuna.Study, storage, storage_url: str, n_trials: int, wait_s: float = 120.0):
-        self.study = study
-        self.storage = storage
-        self.n_trials = n_trials
-        self.wait_s = wait_s
-        self.counted = 0  # trials done or running at the last take()
-        self._release = None  # callable that releases the held lock
-        self._kind, self._target = self._lock_kind(storage, storage_url, study.study_name)
-
-    @staticmethod
-    def _lock_kind(storage, url: str, study_name: str) -> tuple[str, Any]:
-        import hashlib
-
-        if _journal_path(url) is not None:
-            return "file", Path(f"{_journal_path(url)}.ltexp-lock")
-        if _sqlite_lock_path(url) is not None:
-            return "file", _sqlite_lock_path(url)
-        digest = hashlib.blake2b(f"ltexp-tune:{study_name}".encode(), digest_size=8).digest()
-        dialect = getattr(getattr(storage, "engine", None), "dialect", None)
-        if dialect is not None and dialect.name == "postgresql":
-            return "postgresql", int.from_bytes(digest, "big", signed=True)  # a bigint key
-        if dialect is not None and dialect.name in ("mysql", "mariadb"):
-            return "mysql", f"ltexp-tune-{digest.hex()}"  # GET_LOCK names: 64 characters at most
-        return "none", None
-
-    def _acquire(self) -> None:
-        """Take the study's lock (waits up to `wait_s`; see the class docstring)."""
-        if self._kind == "file":
-            release = _flock(self._target, self.wait_s)
-            if release is None:
-                return self._give_up()
-        elif self._kind in ("postgresql", "mysql"):
-            from sqlalchemy import text
-
-            take, give = ((text("SELECT pg_try_advisory_lock(:key)"), text("SELECT pg_advisory_unlock(:key)"))
-                          if self._kind == "postgresql" else
-                          (text("SELECT GET_LOCK(:key, 0)"), text("SELECT RELEASE_LOCK(:key)")))
-            connection = self.storage.engine.connect()
-            deadline = time.monotonic() + self.wait_s
-            while not connection.execute(take, {"key": self._target}).scalar():
-                if time.monotonic() > deadline:
-                    connection.close()
-                    return self._give_up()
-                time.sleep(0.02)
-
-            def release() -> None:
-                try:
-                    connection.execute(give, {"key": self._target})
-                    connection.commit()
-                finally:
-                    # A session lock outlives the pooled connection's reset: never pool it.
-                    connection.invalidate()
-                    connection.close()
-        else:
-            return
-        self._release = release
-
-    def _give_up(self) -> None:
-        print(f"ltexp: warning: no trial-budget lock for study {self.study.study_name!r} in {self.wait_s:g} s; "
-              f"going on without it (at worst one trial over --n-trials)", file=sys.stderr, flush=True)
-
-    def release(self) -> None:
-        """Release the lock if held (idempotent)."""
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    def take(self) -> bool:
-        """Lock, fail stale trials, count; True (lock kept) when another trial may start."""
-        self._acquire()
-        try:
-            if isinstance(self.storage, optuna.storages.RDBStorage):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    # A dead worker's RUNNING trial must not count. Optuna fails stale trials
-                    # again just before its ask (one more query, which then finds none).
-                    optuna.storages.fail_stale_trials(self.study)
-                if self._release is not None and self.storage.get_heartbeat_interval() is not None:
-                    self._fail_heartbeatless()
-            self.counted = len(self.study.get_trials(deepcopy=False, states=self.COUNTED))
-        except BaseException:
-            self.release()
-            raise
-        if self.counted >= self.n_trials:
-            self.release()
-            return False
-        return True
-
-    def _fail_heartbeatless(self) -> None:
-        """Fail the study's RUNNING trials that have no heartbeat, and queue each again as Optuna
-        queues a stale one (the storage's retry callback). Only under the lock (see the class)."""
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(self.storage.scoped_session) as session:
-            orphans = [trial_id for (trial_id,) in session.query(models.TrialModel.trial_id).filter(
-                models.TrialModel.study_id == self.study._study_id,
-                models.TrialModel.state == optuna.trial.TrialState.RUNNING,
-                ~models.TrialModel.heartbeats.any())]
-        failed = []
-        for trial_id in orphans:
-            try:
-                if self.storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
-                    failed.append(trial_id)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # ended meanwhile
-        retry = self.storage.get_heartbeat_stale_trial_callback()
-        for trial_id in failed:
-            if retry is not None:
-                retry(self.study, self.storage.get_trial(trial_id))
-
-    def optimize(self, objective, callbacks=(), **optimize_kwargs) -> bool:
-        """`study.optimize` until the study has `n_trials` done or running (this worker runs at
-        most that many itself, failed ones included); False when no trial was due."""
-        if not self.take():
-            return False
-        try:
-            self.study.optimize(self.wrap(objective), n_trials=self.n_trials - self.counted,
-                                callbacks=[*callbacks, self.next_or_stop], **optimize_kwargs)
-        finally:
-            self.release()
-        return True
-
-    def next_or_stop(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optimize callback (the last one): take the lock for the next trial, or stop the study."""
-        if not self.take():
-            study.stop()
-
-    def wrap(self, objective):
-        """The objective, releasing the lock first: by then Optuna has created the trial, and its
-        first heartbeat is recorded here (Optuna's heartbeat thread may not have written it yet)."""
-        def run(trial: optuna.Trial) -> float:
-            if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.get_heartbeat_interval():
-                self.storage.record_heartbeat(trial._trial_id)
-            self.release()
-            return objective(trial)
-        return run
-
-
-PARENT_RUN_ATTR = "ltexp.mlflow_run_id"
-
-
-def _parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 300.0) -> str | None:
-    """The MLflow run id of the study's parent run, or None when this worker is to create it.
-
-    Workers started together (`docker compose up --scale worker=N`) would each create a parent
-    run. The first to find the study without one writes a claim token, re-reads it after
-    `grace_s` (the last writer wins, and every worker sees the same winner), and only the
-    winner creates the run; the others wait for its run id (at most `wait_s`, then create their own).
-    """
-    value = study.user_attrs.get(PARENT_RUN_ATTR)
-    if value is None:
-        token = f"claim:{uuid.uuid4().hex}"
-        study.set_user_attr(PARENT_RUN_ATTR, token)
-        time.sleep(grace_s)
-        value = study.user_attrs.get(PARENT_RUN_ATTR)
-        if value == token:
-            return None
-    deadline = time.monotonic() + wait_s
-    while value.startswith("claim:") and time.monotonic() < deadline:
-        time.sleep(1.0)
-        value = study.user_attrs.get(PARENT_RUN_ATTR)
-    return None if value.startswith("claim:") else value
-
-
 def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, metric: str) -> str:
     """What one finished trial did, for the progress line: state, value, and the best so far."""
     state = trial.state.name
@@ -676,10 +383,8 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
 
     # Several jobs share their trained experts through a folder, removed when the study ends.
     shared = lifecycle.cache_dir() / "tune-experts" / uuid.uuid4().hex if tune.jobs > 1 else None
-    with tracking.start_tune_run(base, study_name, _parent_run_id(study)) as parent, _removed_at_exit(shared):
-        recorded = study.user_attrs.get(PARENT_RUN_ATTR)
-        if recorded is None or recorded.startswith("claim:"):
-            study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    with tracking.start_tune_run(base, study_name, parent_run_id(study)) as parent, _removed_at_exit(shared):
+        if record_parent_run(study, parent.run_id):
             parent.log_params({"study_name": study_name, "storage": redact(storage_url), "sampler": tune.sampler,
                                "pruner": tune.pruner, "metric": tune.metric, "n_trials": tune.n_trials,
                                "jobs": tune.jobs,
@@ -715,9 +420,9 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         study_wall = time.perf_counter() - started
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
-            raise LtexpError(f"study {study_name!r} has no complete trial (states: {_state_counts(study)})")
+            raise LtexpError(f"study {study_name!r} has no complete trial (states: {state_counts(study)})")
         best = study.best_trial
-        counts = _state_counts(study)
+        counts = state_counts(study)
         parent.log_metrics({"best_value": best.value, "trials_complete": counts.get("COMPLETE", 0),
                             "trials_pruned": counts.get("PRUNED", 0), "trials_failed": counts.get("FAIL", 0),
                             "study_wall_s": study_wall, "trials_run_here": len(objective.trial_s),
@@ -1008,287 +713,3 @@ def log_plots(run: tracking.Run, study: optuna.Study) -> None:
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             # e.g. importances need two complete trials with a varying parameter
             run.log_text(f"{name}: not available ({exc})", f"optuna/{name}.txt")
-
-
-# --- The grid's work queue (`ltexp grid`): cells handed out through the same Optuna storages -----
-#
-# One study per grid; each trial is one cell (its parameter `cell` is the cell's index). The
-# worker that creates the study enqueues every cell once as a WAITING trial; workers claim
-# WAITING trials with the storage's compare-and-set (`set_trial_state_values(..., RUNNING)`
-# succeeds for exactly one of them: a row lock on PostgreSQL, sqlite's write lock, the journal's
-# replay order), so a cell is never handed out twice. A claimed cell beats a heartbeat; a cell
-# whose worker stopped beating for twice the interval is failed and put back as WAITING (RDB
-# storages: Optuna's heartbeat and RetryHeartbeatStaleTrialCallback; journal files: the same rule
-# with the heartbeat kept as a trial attribute), so a killed worker's cell is re-run, not lost.
-
-CELL_PARAM = "cell"
-RUN_ID_ATTR = "ltexp.run_id"
-_HEARTBEAT_ATTR = "ltexp.heartbeat"  # unix seconds; journal storages only (RDB ones have a table)
-_READY_ATTR = "ltexp.cells"           # set once every cell is enqueued
-_SETTINGS_ATTR = "ltexp.grid"
-_PARENT_ATTR = "ltexp.mlflow_run_id"
-_JOURNAL_MAX_RETRY = 2                # as open_storage's RetryHeartbeatStaleTrialCallback(max_retry=2)
-
-
-@dataclass
-class CellClaim:
-    """A cell this worker holds: the trial (id and number), the cell index and the MLflow runs
-    of earlier attempts at the same cell that did not finish (to be marked KILLED)."""
-
-    trial_id: int
-    number: int
-    cell: int
-    earlier_run_ids: list[str] = field(default_factory=list)
-
-
-class CellQueue:
-    """The cells of one grid as trials of one Optuna study (see the comment above)."""
-
-    def __init__(self, study: optuna.Study, storage, n_cells: int, heartbeat_s: int, lock_path: Path | None = None):
-        self.study = study
-        self.storage = storage
-        self.n_cells = n_cells
-        self.heartbeat_s = heartbeat_s
-        self.native_heartbeat = isinstance(storage, optuna.storages.RDBStorage)
-        self.lock_path = lock_path
-
-    def _exclusive(self):
-        """A context manager holding an exclusive lock on `lock_path` (sqlite storages).
-
-        Through SQLAlchemy, sqlite runs the compare-and-set's SELECT outside the write
-        transaction (it ignores FOR UPDATE), so two processes can both see a cell WAITING and
-        both take it (measured: one cell of 48 ran twice with two workers). A file lock beside
-        the database makes claiming and re-queueing one process at a time; sqlite serves one
-        machine, where such a lock holds. PostgreSQL and MySQL lock the row; journal files
-        order the operations in their log.
-        """
-        from contextlib import contextmanager, nullcontext
-
-        if self.lock_path is None:
-            return nullcontext()
-
-        @contextmanager
-        def locked():
-            release = _flock(self.lock_path)
-            try:
-                yield
-            finally:
-                release()
-
-        return locked()
-
-    # -- reading the queue
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return self.study.get_trials(deepcopy=False)
-
-    def cell_states(self) -> dict[int, list[optuna.trial.FrozenTrial]]:
-        """Every trial of every cell, by cell index (trial-number order)."""
-        out: dict[int, list] = {i: [] for i in range(self.n_cells)}
-        for t in self.trials():
-            if CELL_PARAM in t.params:
-                out.setdefault(int(t.params[CELL_PARAM]), []).append(t)
-        return out
-
-    def counts(self) -> dict[str, int]:
-        """Cells done (a COMPLETE trial), running, waiting and failed (only FAIL/PRUNED trials)."""
-        done = running = waiting = failed = 0
-        for trials in self.cell_states().values():
-            states = {t.state for t in trials}
-            if optuna.trial.TrialState.COMPLETE in states:
-                done += 1
-            elif optuna.trial.TrialState.RUNNING in states:
-                running += 1
-            elif optuna.trial.TrialState.WAITING in states:
-                waiting += 1
-            else:
-                failed += 1
-        return {"done": done, "running": running, "waiting": waiting, "failed": failed}
-
-    @property
-    def parent_run_id(self) -> str | None:
-        return self.study.user_attrs.get(_PARENT_ATTR)
-
-    def set_parent_run_id(self, run_id: str) -> None:
-        self.study.set_user_attr(_PARENT_ATTR, run_id)
-
-    def wait_parent_run_id(self, wait_s: float = 60.0) -> str | None:
-        """The parent run id, waiting up to `wait_s` seconds for the creating worker to set it."""
-        deadline = time.monotonic() + wait_s
-        while self.parent_run_id is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return self.parent_run_id
-
-    # -- changing it
-    def _enqueue(self, cell: int, user_attrs: dict | None = None) -> None:
-        self.study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params={CELL_PARAM: cell},
-            distributions={CELL_PARAM: optuna.distributions.IntDistribution(0, max(0, self.n_cells - 1))},
-            user_attrs=user_attrs or {}))
-
-    def requeue_unfinished(self) -> list[int]:
-        """Enqueue again every cell that has no COMPLETE, RUNNING or WAITING trial (it failed, or
-        its retries were used up): a rerun of the grid re-runs failed and killed cells."""
-        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-        with self._exclusive():
-            cells = [cell for cell, trials in self.cell_states().items() if not any(t.state in live for t in trials)]
-            for cell in cells:
-                self._enqueue(cell)
-        return cells
-
-    def fail_stale(self) -> None:
-        """Fail the cells whose worker stopped beating (2 x heartbeat) and put them back."""
-        if self.native_heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # wanted, as heartbeats
-                optuna.storages.fail_stale_trials(self.study)  # retried by the storage's callback
-            return
-        now = time.time()
-        for t in self.trials():
-            beat = t.user_attrs.get(_HEARTBEAT_ATTR)
-            if t.state != optuna.trial.TrialState.RUNNING or beat is None or now - beat <= 2 * self.heartbeat_s:
-                continue
-            try:
-                failed = self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                failed = False  # another worker got there first
-            history = list(t.user_attrs.get("ltexp.retry_history", []))
-            if failed and len(history) < _JOURNAL_MAX_RETRY:
-                attrs = {k: v for k, v in t.user_attrs.items() if k != _HEARTBEAT_ATTR}
-                self._enqueue(int(t.params[CELL_PARAM]), {**attrs, "ltexp.retry_history": history + [t.number]})
-
-    def claim(self) -> CellClaim | None:
-        """Take the lowest-numbered WAITING cell (None when there is none).
-
-        Optuna's trial id is not public API but every storage call is keyed by it, hence
-        `FrozenTrial._trial_id`. A claimed trial whose cell already has a COMPLETE trial, or a
-        RUNNING one with a lower number (enqueued twice by workers repairing the queue at the
-        same moment), is set PRUNED with `ltexp.duplicate_of` and the next one is tried.
-        """
-        with self._exclusive():
-            return self._claim()
-
-    def _claim(self) -> CellClaim | None:
-        self.fail_stale()
-        waiting = sorted((t for t in self.trials() if t.state == optuna.trial.TrialState.WAITING),
-                         key=lambda t: t.number)
-        for t in waiting:
-            try:
-                if not self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            self.beat(t._trial_id)
-            cell = int(t.params[CELL_PARAM])
-            siblings = [s for s in self.cell_states()[cell] if s.number != t.number]
-            first = next((s for s in siblings if s.state == optuna.trial.TrialState.COMPLETE or
-                          (s.state == optuna.trial.TrialState.RUNNING and s.number < t.number)), None)
-            if first is not None:
-                self.storage.set_trial_user_attr(t._trial_id, "ltexp.duplicate_of", first.number)
-                self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.PRUNED)
-                continue
-            earlier = [s.user_attrs[RUN_ID_ATTR] for s in siblings
-                       if s.state == optuna.trial.TrialState.FAIL and RUN_ID_ATTR in s.user_attrs]
-            if RUN_ID_ATTR in t.user_attrs:  # inherited from the attempt this trial retries
-                earlier.append(t.user_attrs[RUN_ID_ATTR])
-            return CellClaim(t._trial_id, t.number, cell, sorted(set(earlier)))
-        return None
-
-    def beat(self, trial_id: int) -> None:
-        """One heartbeat for a held cell."""
-        if self.native_heartbeat:
-            self.storage.record_heartbeat(trial_id)
-        else:
-            self.storage.set_trial_user_attr(trial_id, _HEARTBEAT_ATTR, time.time())
-
-    def heartbeat(self, claim: CellClaim):
-        """A context manager beating for `claim` every `heartbeat_s` seconds in a thread."""
-        import threading
-        from contextlib import contextmanager
-
-        @contextmanager
-        def beating():
-            stop = threading.Event()
-
-            def loop():
-                while not stop.wait(self.heartbeat_s):
-                    try:
-                        self.beat(claim.trial_id)
-                    except Exception:  # a missed beat is retried; the cell must not die of it
-                        pass
-
-            thread = threading.Thread(target=loop, name=f"ltexp-heartbeat-{claim.number}", daemon=True)
-            thread.start()
-            try:
-                yield
-            finally:
-                stop.set()
-                thread.join(timeout=10)
-
-        return beating()
-
-    def set_attrs(self, claim: CellClaim, attrs: dict[str, Any]) -> None:
-        for key, value in attrs.items():
-            self.storage.set_trial_user_attr(claim.trial_id, key, value)
-
-    def finish(self, claim: CellClaim, value: float | None, attrs: dict[str, Any], ok: bool = True) -> bool:
-        """End the cell's trial COMPLETE (with `value`) or FAIL; False when the storage had already
-        failed it (its heartbeat was judged stale while it ran)."""
-        self.set_attrs(claim, attrs)
-        state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
-        values = [float(value)] if ok else None
-        try:
-            return bool(self.storage.set_trial_state_values(claim.trial_id, state, values))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-
-
-def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, heartbeat_s: int,
-                    wait_s: float = 60.0) -> tuple[CellQueue, bool]:
-    """Create the grid's study and enqueue its cells, or join it; returns (queue, created).
-
-    `settings` (JSON-able) describes the cells; joining a study made with other settings is an
-    error. A worker that finds the study still being filled waits up to `wait_s` seconds for
-    the creator, then repairs the queue itself (`requeue_unfinished`).
-    """
-    for attempt in range(3):
-        try:
-            storage = open_storage(storage_url, heartbeat_s)
-            break
-        except LtexpError:
-            # Workers started together on an empty database race to create Optuna's tables
-            # (PostgreSQL: duplicate key in pg_type); the loser finds them there a moment later.
-            if attempt == 2:
-                raise
-            time.sleep(1.0 + attempt)
-    settings = json.loads(json.dumps(settings, default=str))
-    # The trial value is the cell's validation accuracy: bookkeeping, nothing is selected on it.
-    sampler = optuna.samplers.RandomSampler(seed=0)
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize")
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        created = False
-    except Exception as exc:
-        raise LtexpError(f"cannot create or load grid study {name!r} in {storage_url}: "
-                         f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
-    queue = CellQueue(study, storage, n_cells, heartbeat_s, _sqlite_lock_path(storage_url))
-    if created:
-        study.set_user_attr(_SETTINGS_ATTR, settings)
-        for cell in range(n_cells):
-            queue._enqueue(cell)
-        study.set_user_attr(_READY_ATTR, n_cells)
-        return queue, True
-    deadline = time.monotonic() + wait_s
-    while _READY_ATTR not in study.user_attrs and time.monotonic() < deadline:
-        time.sleep(0.5)
-    saved = study.user_attrs.get(_SETTINGS_ATTR)
-    if saved is not None and saved != settings:
-        raise LtexpError(f"grid {name!r} exists in {storage_url} with other cells or settings: choose "
-                         f"another --grid-name (or leave it empty to name the grid after its settings)")
-    if saved is None:
-        study.set_user_attr(_SETTINGS_ATTR, settings)
-    if _READY_ATTR not in study.user_attrs:  # the creator died while enqueueing: repair
-        queue.requeue_unfinished()
-        study.set_user_attr(_READY_ATTR, n_cells)
-    return queue, False

@@ -159,15 +159,15 @@ def test_two_workers_share_one_postgres_storage_and_run_every_cell_once(postgres
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp_path, kind):
-    from ltexp import tune
+    from ltexp.coord.cells import RUN_ID_ATTR, open_cell_queue
 
     url = str(tmp_path / "grid.log") if kind == "journal" else f"sqlite:///{tmp_path / 'grid.db'}"
-    a, created_a = tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
-    b, created_b = tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
+    a, created_a = open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
+    b, created_b = open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
     assert created_a and not created_b
     held_by_a, held_by_b = a.claim(), b.claim()
     assert (held_by_a.cell, held_by_b.cell) == (0, 1)  # one cell each, lowest first
-    a.set_attrs(held_by_a, {tune.RUN_ID_ATTR: "run-of-the-dead-worker"})
+    a.set_attrs(held_by_a, {RUN_ID_ATTR: "run-of-the-dead-worker"})
     assert b.finish(held_by_b, 0.5, {})
     time.sleep(3.5)  # worker a is dead: no beat for more than 2 x 1 s (sqlite's clock has 1 s steps)
     third = b.claim()  # fails a's stale cell and puts it back behind cell 2
@@ -181,13 +181,13 @@ def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp
     assert b.claim() is None and b.counts()["done"] == 3
     assert [t.user_attrs.get("ltexp.duplicate_of") for t in b.trials()][-1] is not None
     with pytest.raises(LtexpError, match="exists .* with other cells or settings"):
-        tune.open_cell_queue(url, "q", 3, {"cells": [1, 2, 4]}, heartbeat_s=1)
+        open_cell_queue(url, "q", 3, {"cells": [1, 2, 4]}, heartbeat_s=1)
 
 
 CLAIM_ALL = """
 import os, pathlib, sys, time
-from ltexp import tune
-queue, _ = tune.open_cell_queue(sys.argv[1], "race", 40, {"n": 40}, heartbeat_s=60)
+from ltexp.coord.cells import open_cell_queue
+queue, _ = open_cell_queue(sys.argv[1], "race", 40, {"n": 40}, heartbeat_s=60)
 # Start together (a loaded machine may start one interpreter seconds after the other), then
 # claim at a steady pace, so both workers really compete for the cells.
 ready = pathlib.Path(sys.argv[2])

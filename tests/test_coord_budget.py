@@ -13,12 +13,14 @@ import optuna
 import pytest
 
 from ltexp import LtexpError
-from ltexp.tune import TrialBudget, open_storage
+from ltexp.coord.budget import TrialBudget
+from ltexp.coord.storage import open_storage
 
 WORKER = """
 import random, sys, time
 import optuna
-from ltexp.tune import TrialBudget, open_storage
+from ltexp.coord.budget import TrialBudget
+from ltexp.coord.storage import open_storage
 
 url, name, n_trials, wait_s, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
