@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +113,7 @@ class FusedPredictor:
 
 
 def _decode_image(value: Any, row: int, image_shape: tuple[int, int, int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from ltexp.images import UndecodableImage, decode_image
 
     if isinstance(value, str):
         try:
@@ -125,13 +124,9 @@ def _decode_image(value: Any, row: int, image_shape: tuple[int, int, int]) -> np
         raise InvalidInput(f"image {row}: expected PNG/JPEG bytes or base64 text, got {type(value).__name__}")
     height, width, channels = image_shape
     try:
-        with Image.open(io.BytesIO(value)) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidInput(f"image {row}: cannot decode as an image ({type(exc).__name__})") from None
+        array = decode_image(value, f"image {row}", "L" if channels == 1 else "RGB", (width, height))
+    except UndecodableImage as exc:
+        raise InvalidInput(str(exc)) from None
     return array.reshape(height, width, channels)
 
 

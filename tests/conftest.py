@@ -69,6 +69,23 @@ def write_image_folder(root: Path, train_per_class: int, test_per_class: int, si
     return root
 
 
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid black 1-bit PNG of width x height pixels (20000 x 20000: 400 million, over twice
+    PIL's default limit), compressed to ~50 KB: a decompression bomb, written directly with zlib
+    because PIL itself takes seconds to encode one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then 8 pixels a byte
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
 def write_cifar_archive(root: Path, name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
     """Write a small archive in the official python format (torchvision's folder layout).
 

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import KNOWN_NOISE, REPO, write_cifar_archive
+from conftest import KNOWN_NOISE, REPO, bomb_png, write_cifar_archive
 
 pytestmark = pytest.mark.e2e
 
@@ -213,8 +214,30 @@ def test_unknown_method_is_one_line(subprocess_env):
     _assert_one_line_error(bad_number, "--epochs 'many' is not an integer or auto")
 
 
+def _folder(tmp, name, change=None):
+    """A three-class `folder:` data set under tmp/name, changed by `change(root)`: its flags."""
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp / name, 4, 2, size=8)
+    if change is not None:
+        change(root)
+    return ["--dataset", f"folder:{root}", "--imb-factor", "1"]
+
+
+def _one_class(root):
+    for split in ("train", "test"):
+        for name in ("b", "c"):
+            shutil.rmtree(root / split / name)
+
+
 @pytest.mark.parametrize("make_args,fragment", [
     (lambda tmp: ["--dataset", f"folder:{tmp / 'empty'}"], "holds no images"),
+    (lambda tmp: _folder(tmp, "bomb", lambda root: (root / "train" / "b" / "9.png").write_bytes(bomb_png())),
+     "bomb/train/b/9.png has 400000000 pixels, more than the limit 89478485 (PIL's Image.MAX_IMAGE_PIXELS)"),
+    (lambda tmp: _folder(tmp, "one", _one_class), "one has only one class ('a' in "),
+    (lambda tmp: _folder(tmp, "untested", lambda root: shutil.rmtree(root / "test" / "c")),
+     "untested: class 'c' has training images but none in "),
+    (lambda tmp: ["--val-per-class", "500"], "--val-per-class 500 is more than digits allows: at most 20,"),
     (lambda tmp: ["--imb-factor", "0.001"], "has 0 training images after --imb-type exp --imb-factor 0.001"),
     (lambda tmp: ["--dataset", "cifar10", "--data-dir", str(tmp / "nowhere"), "--download", "false"],
      "cifar10 not found in"),
@@ -230,6 +253,35 @@ def test_bad_input_during_a_run_fails_it_and_keeps_what_was_logged(mlflow_store,
     assert run.data.params["method"] == "baseline"
     if fragment == "training loss is nan":
         assert "data/class_counts.csv" in _artifacts(run.info.run_id)
+
+
+def test_ltexp_data_refuses_bad_data_in_one_line(subprocess_env, tmp_path):
+    """Real processes: a decompression bomb in a folder, and a CIFAR member the arrays-only
+    unpickler refuses, each end in one line naming the file, exit code 2 and no traceback."""
+    import pickle
+
+    bomb = _ltexp(["data", *_folder(tmp_path, "bomb", lambda root: (root / "test" / "a" / "x.png").write_bytes(
+        bomb_png()))], subprocess_env, tmp_path)
+    assert bomb.returncode == 2
+    _assert_one_line_error(bomb, f"image {tmp_path / 'bomb' / 'test' / 'a' / 'x.png'} has 400000000 pixels, "
+                                 f"more than the limit 89478485 (PIL's Image.MAX_IMAGE_PIXELS)")
+    folder = write_cifar_archive(tmp_path / "cifar", "cifar10", 20, 5)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({"data": _RunsCode(), "labels": []}, fh, protocol=2)
+    cifar = _ltexp(["data", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")], subprocess_env, tmp_path)
+    assert cifar.returncode == 2
+    _assert_one_line_error(cifar, f"unreadable cifar10 file data_batch_2 in {folder} (from cifar-10-python.tar.gz): "
+                                  f"UnpicklingError: refusing to load posix.system")
+    assert not (tmp_path / "pwned").exists()
+
+
+class _RunsCode:
+    """Pickled, a call of os.system: what a tampered data file carries."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
 
 
 def _children(parent_id):

@@ -11,7 +11,8 @@ from ltexp.data import build_long_tail, load_source, long_tail_counts
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
 from ltexp.data.sources import _digits_arrays, load_cifar_source, load_digits_source
 
-from conftest import write_cifar_archive
+from conftest import bomb_png, write_cifar_archive, write_image_folder
+from PIL import Image
 
 
 def test_ldam_counts_cifar10_exp_001():
@@ -156,8 +157,97 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
     for split in ("train", "test"):
         (tmp_path / split / "cat").mkdir(parents=True)
         (tmp_path / split / "cat" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(LtexpError, match="unreadable image"):
+    with pytest.raises(LtexpError, match=r"image .*broken\.png: cannot decode as an image \(UnidentifiedImageError\)"):
         load_source(f"folder:{tmp_path}")
+
+
+def test_folder_image_over_the_pixel_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    write_image_folder(tmp_path, 3, 2, size=12)
+    bomb = tmp_path / "train" / "b" / "bomb.png"
+    bomb.write_bytes(bomb_png(20000, 20000))  # 400 million pixels in ~50 KB: PIL refuses it in open()
+    with pytest.raises(LtexpError, match=rf"^image {bomb} has 400000000 pixels, more than the limit "
+                                         rf"{Image.MAX_IMAGE_PIXELS} \(PIL's Image.MAX_IMAGE_PIXELS\)$"):
+        load_source(f"folder:{tmp_path}", image_size=12)
+    # Between the limit and twice it PIL itself only warns and decodes; ltexp refuses, silently.
+    bomb.unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 12 x 12 images have 144
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(LtexpError, match=r"^image .*/train/a/0\.png has 144 pixels, more than the limit 100 "):
+            load_source(f"folder:{tmp_path}", image_size=12)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 144)
+    assert load_source(f"folder:{tmp_path}", image_size=12).train_images.shape == (9, 12, 12, 3)
+
+
+def test_folder_with_one_class_is_refused(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / split / "cat" / f"{i}.png")
+    with pytest.raises(LtexpError, match=rf"^folder data set {tmp_path} has only one class \('cat' in "
+                                         rf"{tmp_path / 'train'}\): a classifier needs at least 2 classes"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_folder_whose_test_split_lacks_a_class_is_refused(tmp_path):
+    import shutil
+
+    write_image_folder(tmp_path, 4, 2, size=8)
+    shutil.rmtree(tmp_path / "test" / "c")
+    with pytest.raises(LtexpError, match=rf"^folder data set {tmp_path}: class 'c' has training images but none "
+                                         rf"in {tmp_path / 'test' / 'c'}; every class needs test images"):
+        load_source(f"folder:{tmp_path}")
+    (tmp_path / "test" / "c").mkdir()  # an empty folder is no better
+    with pytest.raises(LtexpError, match="class 'c' has training images but none"):
+        load_source(f"folder:{tmp_path}")
+    shutil.rmtree(tmp_path / "test" / "a")
+    with pytest.raises(LtexpError, match=r"class 'a' .*\(2 classes lack them: 'a', 'c'\)$"):
+        load_source(f"folder:{tmp_path}")
+
+
+@pytest.mark.parametrize("imb_type,imb_factor,most,keep", [("exp", 0.01, 20, 100), ("step", 0.1, 110, 10),
+                                                           ("exp", 1.0, 119, 1)])
+def test_val_per_class_over_the_limit_names_the_largest_allowed(imb_type, imb_factor, most, keep):
+    source = load_digits_source()  # 120 pool images per class
+    data = build_long_tail(source, imb_type, imb_factor, "holdout", most, seed=0)  # the limit itself works
+    assert np.bincount(data.val_labels).tolist() == [most] * 10 and data.info.train_counts.min() >= 1
+    for too_many in (most + 1, 500):
+        with pytest.raises(LtexpError, match=rf"^--val-per-class {too_many} is more than digits allows: at most "
+                                             rf"{most}, as its classes have 120 training images each and .*"
+                                             rf"use --val-per-class {most} or less, or --val-source paper$") as err:
+            build_long_tail(source, imb_type, imb_factor, "holdout", too_many, seed=0)
+        assert (f"needs {keep} left for training" in str(err.value)) == (keep > 1)
+
+
+def test_holdout_from_a_folder_class_of_one_image_names_it(tmp_path):
+    write_image_folder(tmp_path, 3, 1, size=8)
+    for extra in (tmp_path / "train" / "c").glob("[12].png"):
+        extra.unlink()
+    with pytest.raises(LtexpError, match=r"holdout needs at least 2 training images in every class \(class 'c' has 1\)"):
+        build_long_tail(load_source(f"folder:{tmp_path}", image_size=8), "exp", 1.0, "holdout", 10, seed=0)
+
+
+def test_unreadable_cifar_member_is_named_with_its_archive(tmp_path):
+    import pickle
+
+    folder = write_cifar_archive(tmp_path, "cifar10", 5, 2)
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump({"data": np.zeros((3, 3072), np.uint8)}, fh, protocol=2)  # no labels
+    with pytest.raises(LtexpError, match=rf"^unreadable cifar10 file data_batch_3 in {folder} \(from "
+                                         rf"cifar-10-python.tar.gz\): KeyError: 'labels'$"):
+        load_cifar_source("cifar10", tmp_path, download=False)
+    (folder / "data_batch_3").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(LtexpError, match=r"^unreadable cifar10 file data_batch_3 in .* \(from cifar-10-python"):
+        load_cifar_source("cifar10", tmp_path, download=False)
+    write_cifar_archive(tmp_path, "cifar10", 5, 2)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump([1, 2], fh, protocol=2)  # not a dict
+    with pytest.raises(LtexpError, match=r"^unreadable cifar10 file batches.meta in .*: TypeError"):
+        load_cifar_source("cifar10", tmp_path, download=False)
 
 
 def test_missing_cifar_offline_is_a_clear_error(tmp_path, monkeypatch):

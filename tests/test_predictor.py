@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import bomb_png
 from ltexp.fusion import ExpertLayout
 from ltexp.models import build_model
 from ltexp.predictor import MAX_BATCH_IMAGES, FusedPredictor, InvalidInput, to_image_batch
@@ -68,6 +69,8 @@ def test_json_style_int64_arrays_are_accepted():
     (np.zeros((0, 8, 8, 1), np.uint8), "empty batch"),
     (np.zeros((MAX_BATCH_IMAGES + 1, 8, 8, 1), np.uint8), f"over the limit of {MAX_BATCH_IMAGES}"),
     (pd.DataFrame({"image": [b"not an image"]}), "image 0: cannot decode as an image"),
+    (pd.DataFrame({"image": [_png(IMAGES[0]), bomb_png()]}),
+     r"^image 1 has 400000000 pixels, more than the limit 89478485 \(PIL's Image.MAX_IMAGE_PIXELS\)$"),
     (pd.DataFrame({"image": ["%%%"]}), "image 0: text is not valid base64"),
     (pd.DataFrame({"a": [1], "b": [2]}), "expected one column 'image'"),
     ([[1, 2], [3]], "ragged or non-numeric"),
@@ -93,6 +96,11 @@ def test_pyfunc_log_load_predict_equals_in_process(mlflow_store, tmp_path):
     pd.testing.assert_frame_equal(loaded.predict(pd.DataFrame({"image": [_png(i) for i in IMAGES]})), expected)
     with pytest.raises(mlflow.exceptions.MlflowException, match="invalid input: images must have shape"):
         loaded.predict(np.zeros((2, 4, 4, 1), np.uint8))
+    # A decompression bomb is the client's error (400 under `mlflow models serve`), named as such.
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^invalid input: image 0 has 400000000 pixels, "
+                                                                r"more than the limit 89478485") as bomb:
+        loaded.predict(pd.DataFrame({"image": [bomb_png()]}))
+    assert bomb.value.error_code == "INVALID_PARAMETER_VALUE" and bomb.value.get_http_status_code() == 400
     signature = loaded.metadata.signature
     assert [c.name for c in signature.outputs.inputs] == ["label", "class_name", "score"]
     assert signature.params.params[0].name == "probabilities"

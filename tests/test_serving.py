@@ -16,6 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
+from conftest import bomb_png
 
 pytestmark = pytest.mark.e2e
 
@@ -109,6 +110,8 @@ def test_served_png_bytes_as_base64(served):
     ({"inputs": np.full((1, 8, 8, 1), 0.5).tolist()}, "dtype float64"),
     ({"inputs": [[[[float("nan")]] * 8] * 8]}, "contain NaN"),
     ({"dataframe_split": {"columns": ["image"], "data": [["aGVsbG8="]]}}, "cannot decode as an image"),
+    ({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(bomb_png()).decode()]]}},
+     "image 0 has 400000000 pixels, more than the limit 89478485 (PIL's Image.MAX_IMAGE_PIXELS)"),
     ({"inputs": np.zeros((0, 8, 8, 1), int).tolist()}, "empty batch"),
     ({"inputs": np.zeros((4097, 8, 8, 1), int).tolist()}, "over the limit of 4096"),
 ])

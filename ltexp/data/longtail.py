@@ -137,6 +137,55 @@ class LongTailData:
         return table.sort_values("rank").reset_index(drop=True)
 
 
+def _fewest_to_keep(n_max: int, num_classes: int, imb_type: str, imb_factor: float) -> int | None:
+    """The smallest balanced pool (images per class) from which the long-tail formula leaves every
+    class at least one image, or None when even `n_max` per class does not."""
+    def enough(n: int) -> bool:
+        return min(long_tail_counts(n, num_classes, imb_type, imb_factor)) >= 1
+
+    if not enough(n_max):
+        return None
+    low, high = 1, n_max  # counts never fall as the pool grows: bisect for the first that works
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid + 1, high)
+    return low
+
+
+def _holdout_per_class(source: ImageSource, available: np.ndarray, val_per_class: int, imb_type: str,
+                       imb_factor: float) -> int:
+    """Validation images to set aside per class, or one `LtexpError` naming the largest value allowed.
+
+    A balanced source gives exactly `val_per_class`, as long as its rarest class keeps enough
+    training images for the long-tail formula to leave every class one. A folder's rarest class
+    bounds the (balanced) holdout instead: it takes at most all but one of that class's images.
+    """
+    if val_per_class < 1:
+        raise LtexpError(f"--val-per-class {val_per_class}: --val-source holdout needs at least 1 "
+                         f"validation image per class")
+    rarest = int(available.min())
+    rarest_name = source.class_names[int(np.argmin(available))]
+    if not source.balanced:
+        if rarest < 2:
+            raise LtexpError(f"--val-source holdout needs at least 2 training images in every class (class "
+                             f"{rarest_name!r} has {rarest}): one for validation, one for training; "
+                             f"use --val-source paper")
+        return min(val_per_class, rarest - 1)
+    # An imbalance no pool size satisfies is reported after the carve, naming --imb-factor.
+    keep = _fewest_to_keep(rarest, len(available), imb_type, imb_factor) or 1
+    most = rarest - keep
+    if val_per_class <= most:
+        return val_per_class
+    why = (f"--imb-type {imb_type} --imb-factor {imb_factor} needs {keep} left for training to leave every class "
+           f"an image" if keep > 1 else "every class must keep a training image")
+    if most < 1:
+        raise LtexpError(f"--val-source holdout has no images to spare in {source.name}: its classes have "
+                         f"{rarest} training images each and {why}; use --val-source paper or a larger --imb-factor")
+    raise LtexpError(f"--val-per-class {val_per_class} is more than {source.name} allows: at most {most}, as its "
+                     f"classes have {rarest} training images each and {why}; use --val-per-class {most} or less, "
+                     f"or --val-source paper")
+
+
 def build_long_tail(source: ImageSource, imb_type: str, imb_factor: float, val_source: str,
                     val_per_class: int, seed: int) -> LongTailData:
     """Subsample the source's training pool into a long-tailed set and carve validation.
@@ -160,13 +209,7 @@ def build_long_tail(source: ImageSource, imb_type: str, imb_factor: float, val_s
         raise LtexpError(f"class {empty[0]!r} has no training images: every class needs at least one")
 
     if val_source == "holdout":
-        # A balanced validation set needs the same number from every class; a folder's rarest
-        # class bounds it (it must keep at least one training image).
-        reserve = min(val_per_class, int(available.min()) - 1) if not source.balanced else val_per_class
-        if reserve < 1 or reserve >= available.min():
-            raise LtexpError(
-                f"--val-source holdout needs at least 2 training images in every class "
-                f"(rarest class has {int(available.min())}); use --val-source paper")
+        reserve = _holdout_per_class(source, available, val_per_class, imb_type, imb_factor)
         val_idx = np.concatenate([p[:reserve] for p in per_class])
         pools = [p[reserve:] for p in per_class]
     else:

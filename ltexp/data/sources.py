@@ -173,14 +173,35 @@ def _unpickle(path: Path) -> dict:
         return _ArraysOnly(fh, encoding="latin1").load()
 
 
-def _read_cifar_batches(folder: Path, files: tuple[str, ...], labels_key: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for name in files:
-        entry = _unpickle(folder / name)
+# What reading one member of a CIFAR folder can raise: a refused or broken pickle, a truncated
+# file, or contents that are not the dict of arrays and lists the layout promises.
+_MEMBER_ERRORS = (OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError, ValueError,
+                  AttributeError)
+
+
+def _read_member(name: str, layout: CifarLayout, folder: Path, member: str, read):
+    """`read(entry)` of the unpickled `folder/member`; any failure is one `LtexpError` naming the
+    member file, its folder and the archive it comes from."""
+    try:
+        return read(_unpickle(folder / member))
+    except _MEMBER_ERRORS as exc:
+        raise LtexpError(f"unreadable {name} file {member} in {folder} (from {layout.archive}): "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _read_cifar_batches(name: str, layout: CifarLayout, folder: Path, files: tuple[str, ...]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    def read(entry):
         # Rows are 3072 bytes: 1024 red, 1024 green, 1024 blue, each row-major 32x32.
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[labels_key], dtype=np.int64))
-    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[layout.labels_key], dtype=np.int64)
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        return images, labels
+
+    batches = [_read_member(name, layout, folder, member, read) for member in files]
+    return (np.concatenate([b[0] for b in batches]).transpose(0, 2, 3, 1).copy(),
+            np.concatenate([b[1] for b in batches]))
 
 
 def load_cifar_source(name: str, data_dir: str | Path, download: bool = True) -> ImageSource:
@@ -205,12 +226,10 @@ def load_cifar_source(name: str, data_dir: str | Path, download: bool = True) ->
             reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             raise LtexpError(_missing_cifar_message(name, layout, folder, reason)) from None
     _verify(folder, layout)
-    try:
-        train_images, train_labels = _read_cifar_batches(folder, layout.train_files, layout.labels_key)
-        test_images, test_labels = _read_cifar_batches(folder, (layout.test_file,), layout.labels_key)
-        class_names = tuple(_unpickle(folder / layout.meta_file)[layout.names_key])
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-        raise LtexpError(f"unreadable {name} archive in {folder}: {type(exc).__name__}: {exc}") from None
+    train_images, train_labels = _read_cifar_batches(name, layout, folder, layout.train_files)
+    test_images, test_labels = _read_cifar_batches(name, layout, folder, (layout.test_file,))
+    class_names = _read_member(name, layout, folder, layout.meta_file,
+                               lambda entry: tuple(str(c) for c in entry[layout.names_key]))
     counts = np.bincount(train_labels, minlength=len(class_names))
     return ImageSource(name, train_images, train_labels, test_images, test_labels, class_names,
                        balanced=bool((counts == counts[0]).all()))
@@ -225,7 +244,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def _read_folder_split(split_dir: Path, image_size: int, class_names: tuple[str, ...] | None):
-    from PIL import Image, UnidentifiedImageError
+    from ltexp.images import decode_image
 
     if not split_dir.is_dir():
         raise LtexpError(f"folder data set needs {split_dir} with one sub-folder per class")
@@ -242,12 +261,7 @@ def _read_folder_split(split_dir: Path, image_size: int, class_names: tuple[str,
         cdir = split_dir / cname
         files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if cdir.is_dir() else []
         for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise LtexpError(f"unreadable image {path}: {type(exc).__name__}") from None
+            images.append(decode_image(path, f"image {path}", "RGB", (image_size, image_size)))
             labels.append(label)
     if not images:
         raise LtexpError(f"{split_dir} holds no images (allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -260,7 +274,18 @@ def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
     if not root.is_dir():
         raise LtexpError(f"folder data set {root} does not exist")
     train_images, train_labels, names = _read_folder_split(root / "train", image_size, None)
+    # Accuracy over one class measures nothing, and a class the test split lacks cannot be scored
+    # (its accuracy, its group's and the macro average would be undefined): refuse both up front.
+    if len(names) < 2:
+        raise LtexpError(f"folder data set {root} has only one class ({names[0]!r} in {root / 'train'}): "
+                         f"a classifier needs at least 2 classes, one sub-folder each")
     test_images, test_labels, _ = _read_folder_split(root / "test", image_size, names)
+    untested = [name for name, n in zip(names, np.bincount(test_labels, minlength=len(names))) if n == 0]
+    if untested:
+        raise LtexpError(f"folder data set {root}: class {untested[0]!r} has training images but none in "
+                         f"{root / 'test' / untested[0]}; every class needs test images to be evaluated"
+                         + (f" ({len(untested)} classes lack them: {', '.join(map(repr, untested))})"
+                            if len(untested) > 1 else ""))
     return ImageSource(f"folder:{root}", train_images, train_labels, test_images, test_labels, names,
                        balanced=False)
 
