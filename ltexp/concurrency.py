@@ -5,15 +5,11 @@ share torch's intra-op threads equally, and an expert that ends hands its share 
 (a tail expert, with few images, ends long before the head expert). On CUDA each thread issues
 its work on its own stream, so both experts' kernels can share the GPU.
 
-The default is `sequential`, because on this project's 2-core CPU VM training at once did not pay
-where it counts (README, "Experts at once"): two equal experts at once on one thread each took
-0.72-0.96 of the wall of one after the other on two threads (`python bench/threads.py --experts
-2`), but a real split is not equal: on the CIFAR-10 development photos the head expert holds most
-images, and the whole run took 75.8 and 79.4 s at once against 72.9, 73.1 and 80.5 s one after
-the other. Nor on a GPU (one H200, bench/results/2026-11-28-h200-*): a real split's experts at
-once took 1.41-1.50 times the wall of one after the other, and two equal experts from two threads
-0.62 times the speed (each step is bound by the host launching kernels); tests/test_cuda.py runs
-this path there.
+The default is `sequential`: measured on a 2-core CPU and on one H200 (README, "Experts at once";
+bench/results/2026-11-28-h200-*), a real split's experts at once were not faster than one after
+the other. A real split is unequal (the head expert holds most images, so the pair ends when it
+does), and on a GPU each step is bound by the host launching kernels, which two threads share.
+tests/test_cuda.py runs this path on a GPU.
 
 Each expert draws only from its own seeded generators (sampling, augmentation, a head's
 re-initialisation); the seeding and initialisation of a new model from torch's global generator,

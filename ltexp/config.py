@@ -157,8 +157,8 @@ class OptimConfig:
                                     "the paper; else 0)", auto=True)
     compile: str = setting(COMPILE_NONE, "torch.compile the training step: none, default, or reduce-overhead "
                                          "(CUDA graphs; on a GPU the fast one at batch 128, see README 'GPU'). "
-                                         "Compiling a ResNet took 17-28 s on an H200; a stage that changes what "
-                                         "trains compiles again", choices=COMPILE_MODES)
+                                         "Compiling costs time before the first step (bench/results); a stage "
+                                         "that changes what trains compiles again", choices=COMPILE_MODES)
 
     def __post_init__(self) -> None:
         _check_section(self)

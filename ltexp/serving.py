@@ -85,9 +85,9 @@ class FusedExpertsModel(PythonModel):
         # (`scoring_server._SERVER_MODEL_PATH`). The scoring server's module alone is no sign: a
         # training process imports it too when it logs the model with an input example.
         if os.environ.get(SERVER_MODEL_PATH_VARIABLE):
-            # Under `mlflow models serve`: the ~450k objects of torch/MLflow/pandas loaded so far
-            # never die; freezing them keeps the collector from rescanning them on every request
-            # (measured in bench/serve.py: 152 -> 48 ms server CPU per 256-image JSON request).
+            # Under `mlflow models serve`: the objects of torch/MLflow/pandas loaded so far never
+            # die; freezing them keeps the collector from rescanning them on every request
+            # (bench/serve.py measures the server CPU per request).
             gc.collect()
             gc.freeze()
             _guard_request_parsing()

@@ -2,11 +2,10 @@
 
 Both stores are SQLAlchemy engines over SQLite files, and every logged value or Optuna
 `suggest`/`report` is one committed transaction. In SQLite's default rollback-journal mode each
-commit waits for the disk twice (measured on this project's ext4 build machine: 23 ms per commit;
-a tuning trial makes ~20 of them). In write-ahead-log mode with `synchronous=NORMAL` a commit is
-an append to the `-wal` file (0.01 ms per commit measured) and durability is still kept against a
-crash of the process; only a power cut can lose the last commits. WAL also lets readers (`mlflow
-ui`, a second tuning worker) run while a writer commits.
+commit waits for the disk twice, and a tuning trial makes ~20 commits. In write-ahead-log mode with
+`synchronous=NORMAL` a commit is an append to the `-wal` file, with no wait for the disk, and
+durability is still kept against a crash of the process; only a power cut can lose the last
+commits. WAL also lets readers (`mlflow ui`, a second tuning worker) run while a writer commits.
 
 WAL needs the database on a local disk (SQLite's own rule: not on a network file system). Set
 `LTEXP_SQLITE_WAL=0` to keep SQLite's defaults, e.g. for a store on NFS. PostgreSQL and other

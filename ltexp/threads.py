@@ -2,8 +2,8 @@
 
 torch's default intra-op thread count is the machine's core count, which oversubscribes a
 process limited to fewer cores (a container's `--cpus` quota) or sharing the machine with other
-jobs: on a shared 2-core machine (load average ~7), a ResNet-32 training step at batch 128 took
-4.9 s with 2 threads against 1.4 s with 1 (`python bench/threads.py`).
+jobs, whose threads then wait on each other's cores (`python bench/threads.py` measures the
+default against fixed counts, idle and beside a busy process: bench/results/2026-12-02-cpu-threads).
 
 Order of precedence (first that is set wins):
 

@@ -134,10 +134,11 @@ class SearchSpace:
                              f"split`: a study trains each trial's experts in lockstep, an epoch each in turn, and "
                              f"runs trials at once with --jobs")
         if self.base.optim.compile != COMPILE_NONE:
-            # Measured on an H200 (bench/gpu.py): compiling one ResNet takes 17-28 s, more than a
-            # short trial trains, and every trial's experts are new models compiled again.
+            # Compiling one ResNet takes longer than a short trial trains (bench/gpu.py,
+            # bench/results/2026-11-28-h200-*), and every trial's experts are new models.
             raise LtexpError(f"--compile {self.base.optim.compile} is for `ltexp train`: each trial's new experts "
-                             f"would be compiled again (17-28 s each on an H200); leave --compile none")
+                             f"would be compiled again, each costing more than a short trial trains; "
+                             f"leave --compile none")
 
     def fusions(self, expert_mode: str | None) -> list[str]:
         """Rules searched for an expert mode (None: the union)."""
@@ -547,12 +548,12 @@ def frozen_heap():
     """Keep the objects alive at entry out of Python's full garbage collections while the block
     runs (`gc.freeze`), and give them back at exit (`gc.unfreeze`).
 
-    For a study's trials: importing torch, MLflow, Optuna and SQLAlchemy leaves about 500,000
-    tracked objects, and every full collection walks them all, 0.13-0.45 s each on the 2-core VM,
-    several times per study at random points of its trials. Inside the block a full collection
-    walks only the objects made since (0.02-0.08 s). Tuning bookkeeping per trial, ten digits
-    studies each: median 0.120 s before, 0.080 s with it (README, "Tuning bookkeeping"). The young
-    generations are collected first, so little garbage is frozen; what is, is collected after."""
+    For a study's trials: importing torch, MLflow, Optuna and SQLAlchemy leaves hundreds of
+    thousands of tracked objects that never die, and every full collection walks them all, several
+    times per study at random points of its trials. Inside the block a full collection walks only
+    the objects made since (its effect on the bookkeeping per trial: README, "Tuning bookkeeping").
+    The young generations are collected first, so little garbage is frozen; what is, is collected
+    after."""
     gc.collect(1)
     gc.freeze()
     try:
