@@ -30,7 +30,9 @@ import pandas as pd
 
 from ltexp import LtexpError
 
-PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"
+PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"   # the paper's (`--preset paper`)
+FIELD_RESULTS = Path(__file__).resolve().parent / "field_results.csv"   # the field's (`--preset field`)
+PUBLISHED = (PAPER_RESULTS, FIELD_RESULTS)
 # (metric key, column title) of the paper's tables; `oracle_` variants for expert methods.
 MAIN = (("acc", "Accuracy"), ("head_acc", "Head"), ("tail_acc", "Tail"))
 SHOTS = ("many", "medium", "few")
@@ -144,22 +146,42 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_paper(path: Path = PAPER_RESULTS) -> pd.DataFrame:
-    """The paper's published figures: dataset, imb_type, imb_factor, method, metric, value (percent)."""
-    frame = pd.read_csv(path, comment="#")
+def load_paper(path: Path | tuple[Path, ...] = PUBLISHED) -> pd.DataFrame:
+    """Published figures: dataset, imb_type, imb_factor, protocol, method, metric, value (percent),
+    source. `protocol` is the preset whose runs they sit beside (`paper`, `field`); a file without
+    that column holds the paper's."""
+    frames = []
+    for one in (path,) if isinstance(path, (str, Path)) else path:
+        frame = pd.read_csv(one, comment="#")
+        if "protocol" not in frame:
+            frame["protocol"] = "paper"
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
     frame["imb_factor"] = pd.to_numeric(frame["imb_factor"])
     return frame
 
 
-def _has_paper(paper: pd.DataFrame, dataset, imb_type, imb_factor) -> bool:
-    return bool(((paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
-                 & np.isclose(paper["imb_factor"], imb_factor)).any())
+def _published(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset) -> pd.DataFrame:
+    """The published figures for one setting, measured the way runs of `preset` are (the paper's
+    figures beside `--preset paper` runs, the field's beside `--preset field`); the default
+    preset `ltexp` is compared with the paper's."""
+    protocol = "paper" if preset == "ltexp" else preset
+    return paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
+                 & np.isclose(paper["imb_factor"], imb_factor) & (paper["protocol"] == protocol)]
 
 
-def _paper_value(paper: pd.DataFrame, dataset, imb_type, imb_factor, method, metric) -> str:
-    hit = paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type) &
-                np.isclose(paper["imb_factor"], imb_factor) & (paper["method"] == method) & (paper["metric"] == metric)]
+def _has_paper(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset="ltexp") -> bool:
+    return not _published(paper, dataset, imb_type, imb_factor, preset).empty
+
+
+def _paper_value(paper: pd.DataFrame, dataset, imb_type, imb_factor, method, metric, preset="ltexp") -> str:
+    part = _published(paper, dataset, imb_type, imb_factor, preset)
+    hit = part[(part["method"] == method) & (part["metric"] == metric)]
     return f"{float(hit['value'].iloc[0]):.2f}" if len(hit) else "–"
+
+
+def _published_name(preset: str) -> str:
+    return "field" if preset == "field" else "paper"
 
 
 def method_label(row, has_oracle: bool) -> str:
@@ -197,9 +219,9 @@ def table2(summary: pd.DataFrame, paper: pd.DataFrame) -> dict[str, pd.DataFrame
             for key, title in MAIN:
                 record[title] = fmt(row[f"{key}_mean"], row[f"{key}_std"])
             show = _shows_paper(part, row["method"], row["evaluation"])
-            for key, title in MAIN if _has_paper(paper, dataset, imb_type, imb_factor) else ():
-                record[f"paper {title} (published)"] = (
-                    _paper_value(paper, dataset, imb_type, imb_factor, row["method"], key) if show else "–")
+            for key, title in MAIN if _has_paper(paper, dataset, imb_type, imb_factor, preset) else ():
+                record[f"{_published_name(preset)} {title} (published)"] = (
+                    _paper_value(paper, dataset, imb_type, imb_factor, row["method"], key, preset) if show else "–")
             rows.append(record)
         out[f"{setting_label(dataset, imb_type, imb_factor)} (preset {preset})"] = pd.DataFrame(rows)
     return out
@@ -215,7 +237,7 @@ def eight_datasets(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     settings = list(dict.fromkeys(summary.sort_values(["dataset", "imb_type", "imb_factor", "preset"])["setting"]))
     first = {s: summary[summary["setting"] == s].iloc[0] for s in settings}
     with_paper = [s for s in settings if _has_paper(paper, first[s]["dataset"], first[s]["imb_type"],
-                                                    first[s]["imb_factor"])]
+                                                    first[s]["imb_factor"], first[s]["preset"])]
     rows = []
     for (method, variant, evaluation), part in summary.groupby(["method", "variant", "evaluation"], sort=True):
         label = method_label({"method": method, "variant": variant, "evaluation": evaluation},
@@ -229,8 +251,9 @@ def eight_datasets(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
                                       int(hit[f"{key}_n"].iloc[0])) if len(hit) else "–"
                 if setting in with_paper:
                     f = first[setting]
-                    record[f"{setting} · paper (published)"] = (
-                        _paper_value(paper, f["dataset"], f["imb_type"], f["imb_factor"], method, key) if show else "–")
+                    record[f"{setting} · {_published_name(f['preset'])} (published)"] = (
+                        _paper_value(paper, f["dataset"], f["imb_type"], f["imb_factor"], method, key, f["preset"])
+                        if show else "–")
             rows.append(record)
     return pd.DataFrame(rows)
 
@@ -413,12 +436,16 @@ NOTES = (
     "Split is shown twice. 'honest (fused)': the fused prediction, made without knowing a test image's group "
     "(what a deployed model does). 'oracle (true group: upper bound)': each test image routed to the expert of its "
     "true group, as the paper measured; it is not achievable at test time.",
-    "Paper columns: the paper's published figures (its split figures are oracle figures), from ltexp/paper_results.csv.",
+    "Paper columns: the paper's published figures (its split figures are oracle figures), from "
+    "ltexp/paper_results.csv, beside runs of --preset paper (and of the default preset, whose protocol differs).",
+    "Field columns: the field's published figures (ResNet-32, 200 epochs, CIFAR-10-LT imbalance 100), each with its "
+    "source in ltexp/field_results.csv, beside runs of --preset field. The anchors' scripts report the best test "
+    "epoch; ltexp reports the final model, selected on validation drawn from training images.",
 )
 
 
 def build_report(experiment: str, filter_string: str = "", output_dir: str | Path = "report",
-                 log_run: bool = True, paper_path: Path = PAPER_RESULTS) -> Report:
+                 log_run: bool = True, paper_path: Path | tuple[Path, ...] = PUBLISHED) -> Report:
     """Read the runs, write every table (Markdown + CSV), the plots (PNG) and one self-contained
     HTML page to `output_dir`, print-ready terminal text, and log it all as a `report` run."""
     from ltexp import tracking

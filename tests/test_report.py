@@ -142,11 +142,40 @@ def test_filter_narrows_the_runs_and_bad_input_is_one_line(hand_runs, tmp_path, 
         assert exc.value.code == 2 and err.startswith("ltexp: error: ") and message in err and "\n" not in err
 
 
-def test_shipped_paper_file_parses_and_markdown_escapes():
-    paper = load_paper()
-    assert list(paper.columns) == ["dataset", "imb_type", "imb_factor", "method", "metric", "value", "source"]
-    assert set(paper["metric"]) <= {"acc", "head_acc", "tail_acc"} and np.all(paper["value"].between(0, 100))
+def test_shipped_published_files_parse_and_markdown_escapes():
+    from ltexp.methods import METHODS
+
+    published = load_paper()
+    assert list(published.columns) == ["dataset", "imb_type", "imb_factor", "protocol", "method", "metric", "value",
+                                       "source"]
+    assert set(published["metric"]) <= {"acc", "head_acc", "tail_acc"} and np.all(published["value"].between(0, 100))
+    assert set(published["method"]) <= set(METHODS) and published["source"].notna().all()
+    paper = published[published["protocol"] == "paper"]
+    # The paper's Table 3: eight data sets x baseline, LWS, split + LWS, Total / Head / Tail; plus
+    # Table 2's re-sampling row (CIFAR-10 exp 0.1).
+    assert len(paper) == 8 * 3 * 3 + 3
+    split = paper[(paper["method"] == "split") & (paper["dataset"] == "cifar10") & (paper["imb_type"] == "exp")
+                  & np.isclose(paper["imb_factor"], 0.01)]
+    assert split.set_index("metric")["value"].to_dict() == {"acc": 61.10, "head_acc": 75.32, "tail_acc": 46.88}
+    field = published[published["protocol"] == "field"]
+    assert set(field["dataset"] + field["imb_type"] + field["imb_factor"].astype(str)) == {"cifar10exp0.01"}
+    assert field[field["method"] == "ldam_drw"]["value"].tolist() == [77.03, 77.73]
     assert markdown_table(pd.DataFrame({"a|b": ["x|y"]})) == "| a\\|b |\n|---|\n| x\\|y |"
+
+
+def test_published_figures_sit_beside_runs_of_their_own_protocol(mlflow_store, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("protocols")
+    for preset, acc in (("field", 0.70), ("paper", 0.50)):
+        _run(client, exp, "baseline", "cifar10", "exp", 0.01, 0,
+             {"test_acc": acc, "test_head_acc": acc + 0.1, "test_tail_acc": acc - 0.1}, {"preset": preset})
+    report = build_report("protocols", output_dir=tmp_path / "out", log_run=False)
+    (field,) = [f for t, f in report.tables.items() if "Table 2" in t and "(preset field)" in t]
+    (paper,) = [f for t, f in report.tables.items() if "Table 2" in t and "(preset paper)" in t]
+    assert field.set_index("Method").loc["baseline", "field Accuracy (published)"] == "70.36"  # Cao et al. first
+    assert paper.set_index("Method").loc["baseline", ["paper Accuracy (published)", "paper Tail (published)"]
+                                         ].tolist() == ["51.47", "31.46"]
+    assert not [c for c in field.columns if c.startswith("paper")] and not [c for c in paper if c.startswith("field")]
 
 
 def test_head_vs_tail_legend_has_one_entry_per_method_data_set_and_the_oracle():
