@@ -24,6 +24,7 @@ from ltexp.fusion import FUSIONS as FUSION_RULES
 from ltexp.losses import LOSS_OPTIONS, LOSSES
 from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
 from ltexp.models import BODIES
+from ltexp.schedules import LR_SCHEDULES, parse_milestones
 
 AUTO = "auto"
 MODELS = (AUTO, *BODIES)
@@ -81,6 +82,10 @@ def _uses_lws(cfg: "RunConfig") -> bool:
 
 def _is_split(cfg: "RunConfig") -> bool:
     return cfg.method.method == "split"
+
+
+def _lr_schedule(*kinds: str):
+    return lambda cfg: cfg.optim.lr_schedule in kinds
 
 
 def _loss_option(name: str):
@@ -151,8 +156,17 @@ class OptimConfig:
     lr: float = setting(0.1, "initial SGD learning rate (auto: CIFAR 0.1, digits 0.05)", auto=True)
     momentum: float = setting(0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = setting(2e-4, "L2 weight decay (auto: CIFAR 2e-4)", auto=True)
-    lr_step: int = setting(150, "epochs between learning-rate decays (auto: CIFAR 150)", auto=True)
-    lr_gamma: float = setting(0.1, "learning-rate decay factor")
+    lr_schedule: str = setting("step", "learning-rate schedule: step (x lr_gamma every lr_step epochs), multistep "
+                                       "(x lr_gamma after each of lr_milestones) or cosine (to 0 over the stage)",
+                               choices=LR_SCHEDULES)
+    lr_step: int = setting(150, "step schedule: epochs between learning-rate decays (auto: CIFAR 150)", auto=True,
+                           when=_lr_schedule("step"))
+    lr_gamma: float = setting(0.1, "step / multistep schedule: learning-rate decay factor",
+                              when=_lr_schedule("step", "multistep"))
+    lr_milestones: str = setting("", "multistep schedule: epochs after which the rate is multiplied by lr_gamma, "
+                                     "comma-separated, e.g. 160,180", when=_lr_schedule("multistep"))
+    warmup_epochs: int = setting(0, "linear learning-rate warm-up over the first N epochs (epoch e: e/N of the rate); "
+                                    "0 = none")
     clip_norm: float = setting(0.0, "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as "
                                     "the paper; else 0)", auto=True)
     compile: str = setting(COMPILE_NONE, "torch.compile the training step: none, default, or reduce-overhead "
@@ -174,6 +188,16 @@ class OptimConfig:
             raise LtexpError(f"--momentum {self.momentum} must be in [0, 1)")
         if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
             raise LtexpError(f"--lr-step {self.lr_step} must be >= 1 and --lr-gamma {self.lr_gamma} in (0, 1]")
+        if self.lr_schedule == "multistep":
+            try:
+                milestones = parse_milestones(self.lr_milestones)
+            except ValueError:
+                milestones = ()
+            if not milestones or milestones[-1] > self.epochs:
+                raise LtexpError(f"--lr-milestones {self.lr_milestones!r} must be increasing epochs in [1, "
+                                 f"{self.epochs}] for --lr-schedule multistep, e.g. 160,180")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise LtexpError(f"--warmup-epochs {self.warmup_epochs} must be in [0, --epochs {self.epochs})")
         if self.clip_norm < 0 or not math.isfinite(self.clip_norm):
             raise LtexpError(f"--clip-norm {self.clip_norm} must be >= 0 (0 = off)")
 
@@ -442,6 +466,15 @@ DRW_START = 0.8
 # gradients at norm 5. `by_method` holds the values that apply to one method only.
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     "ltexp": {},
+    # The field's protocol (Cao et al. 2019, kaidic/LDAM-DRW's cifar_train.py): ResNet-32, 200
+    # epochs, batch 128, SGD lr 0.1 momentum 0.9 weight decay 2e-4, 5 warm-up epochs, lr x 0.01
+    # after epoch 160 and x 0.0001 after 180, DRW (beta 0.9999) from epoch 161 (its `epoch // 160`
+    # counts from 0), LDAM margin 0.5 and scale 30, crop 32 / padding 4 + flip. Validation: the
+    # default holdout drawn from training images (the anchors select on the test set).
+    "field": {"model": "resnet32", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+              "weight_decay": 2e-4, "lr_schedule": "multistep", "lr_milestones": "160,180", "lr_gamma": 0.01,
+              "warmup_epochs": 5, "augment": "crop_flip", "ldam_max_margin": 0.5, "ldam_scale": 30.0,
+              "drw_epoch": 161, "drw_beta": 0.9999},
     "paper": {"model": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
               "weight_decay": 2e-4, "lr_step": 150, "lr_gamma": 0.1, "lws_mode": "joint", "val_source": "paper",
               "by_method": {"split": {"clip_norm": 5.0}}},

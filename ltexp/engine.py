@@ -199,7 +199,9 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
         params = _set_trainable(model, stage.trainable)
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay,
                                     fused=device.type == "cuda" or None)
-        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
+        # The stage's schedule as a factor of the base rate per 1-based epoch (LambdaLR counts
+        # its steps from 0); its step count is what a checkpoint keeps.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: stage.schedule.factor(done + 1))
         sampler = build_sampler(stage.sampler, **stage.sampler_options)
         stage_best_acc, stage_best_state, first_epoch = -1.0, None, 1
         if resuming_stage:

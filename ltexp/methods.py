@@ -20,6 +20,7 @@ from ltexp import posthoc
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
 from ltexp.fusion import applicable_rules
 from ltexp.losses import BalancedSoftmax as BalancedSoftmaxLoss, Distilled, Loss, build_loss, head_for
+from ltexp.schedules import Schedule, parse_milestones
 
 if TYPE_CHECKING:  # config imports this module for its choice lists
     from ltexp.config import RunConfig
@@ -45,7 +46,7 @@ EXPERT, ROUTER = "expert", "router"
 
 @dataclass(frozen=True)
 class Stage:
-    """One phase of training: `epochs` epochs of SGD with a step schedule, on one loss."""
+    """One phase of training: `epochs` epochs of SGD with a learning-rate schedule, on one loss."""
 
     name: str
     epochs: int
@@ -54,8 +55,7 @@ class Stage:
     lr: float
     momentum: float
     weight_decay: float
-    lr_step: int
-    lr_gamma: float
+    schedule: Schedule    # the factor of `lr` per epoch of the stage
     loss: Loss
     sampler_options: dict = field(default_factory=dict)  # e.g. {"other_per_epoch": 40}
     reset_head: bool = False  # re-initialise the linear classifier first (classifier re-training)
@@ -118,8 +118,11 @@ class Baseline:
 
     def _stage(self, info: ClassInfo, sampler: str, trainable: str = TRAIN_NETWORK) -> Stage:
         optim = self.cfg.optim
+        schedule = Schedule(optim.lr_schedule, optim.epochs, optim.lr_step, optim.lr_gamma,
+                            parse_milestones(optim.lr_milestones) if optim.lr_schedule == "multistep" else (),
+                            optim.warmup_epochs)
         return Stage("train", optim.epochs, sampler, trainable, optim.lr, optim.momentum, optim.weight_decay,
-                     optim.lr_step, optim.lr_gamma, build_loss(self.cfg.loss, info.train_counts))
+                     schedule, build_loss(self.cfg.loss, info.train_counts))
 
     def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
         """The stages of model `spec`, whose outputs have the training counts `info.train_counts`."""
@@ -159,7 +162,7 @@ class LWS(Baseline):
         if m.lws_mode == "joint":
             return [self._stage(info, "instance", TRAIN_NETWORK_AND_SCALES)]
         scales = Stage("lws", m.lws_epochs, "balanced", TRAIN_SCALES, m.lws_lr, self.cfg.optim.momentum, 0.0,
-                       max(1, m.lws_epochs), 1.0, build_loss(self.cfg.loss, info.train_counts))
+                       Schedule(), build_loss(self.cfg.loss, info.train_counts))
         return [self._stage(info, "instance"), scales]
 
 
@@ -220,7 +223,7 @@ class CRT(Baseline):
     def stages(self, info: ClassInfo, spec: ExpertSpec | None = None) -> list[Stage]:
         m, optim = self.cfg.method, self.cfg.optim
         retrain = Stage("crt", m.crt_epochs, "balanced", TRAIN_HEAD, m.crt_lr, optim.momentum, optim.weight_decay,
-                        max(1, m.crt_epochs), 1.0, build_loss(self.cfg.loss, info.train_counts), reset_head=True)
+                        Schedule(), build_loss(self.cfg.loss, info.train_counts), reset_head=True)
         return [self._stage(info, "instance"), retrain]
 
 

@@ -40,6 +40,9 @@ CASES = {
     "weight_decay": ({}, 0.01),
     "lr_step": ({**TWO, "lr_gamma": 0.1}, 1),
     "lr_gamma": ({**TWO, "lr_step": 1}, 0.5),
+    "lr_schedule": (TWO, "cosine"),
+    "lr_milestones": ({**TWO, "lr_schedule": "multistep", "lr_milestones": "2"}, "1"),
+    "warmup_epochs": ({"epochs": 3}, 2),  # epoch 1 at half the rate (warm-up 1 would change nothing)
     "clip_norm": ({}, 0.01),
     "method": ({}, "resample"),
     "sampling": ({"method": "resample"}, "under"),
