@@ -253,7 +253,7 @@ def test_config_hash_ignores_bookkeeping_only():
     (["--imb-factors", "2"], "--imb-factor 2.0 is outside (0, 1]"),
     (["--datasets", "mnist"], "unknown --dataset 'mnist'"),
     (["--seeds", ""], "--seeds is empty"),
-    (["--preset", "fast"], "unknown --preset 'fast': allowed are ltexp, paper"),
+    (["--preset", "fast"], "unknown --preset 'fast': allowed are ltexp, field, paper"),
 ])
 def test_bad_grid_input_is_one_line_and_stores_nothing(mlflow_store, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
