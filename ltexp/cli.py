@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     lifecycle.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
     args = build_parser().parse_args(argv)
     try:
+        lifecycle.follow_launcher()  # a SIGTERM that ends `mlflow run` ends this process's runs too
         from ltexp.threads import configure_threads
 
         configure_threads(getattr(args, "threads", None))

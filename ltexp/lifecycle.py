@@ -8,7 +8,8 @@ A killed run must cost neither its training nor the truth of its record:
   resolved configuration (`experiment.expert_key`), and hands it back when the identical command
   runs again. Restoring every RNG makes the resumed run end bit-identical on CPU.
 - SIGTERM (docker stop, Kubernetes, Slurm) is turned into `Terminated`, a `KeyboardInterrupt`, so
-  it ends the run and its children KILLED like Ctrl-C does; the CLI exits 143.
+  it ends the run and its children KILLED like Ctrl-C does; the CLI exits 143. Under `mlflow run`,
+  a SIGTERM that ends the `mlflow run` process reaches ltexp too (`follow_launcher`).
 - Every run carries `ltexp.host`, `ltexp.pid` and a per-epoch `ltexp.heartbeat`; `sweep` closes
   RUNNING runs whose process is gone (same host) or whose heartbeat is older than a limit.
 
@@ -228,12 +229,80 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum, frame):
     # A second SIGTERM while the first is being handled must not interrupt the cleanup.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated(f"terminated by signal {signal.Signals(signum).name} (pid {os.getpid()})")
+    why = ""
+    if _launcher_pid is not None and _launcher_ended(_launcher_pid):  # sent by the kernel: see follow_launcher
+        why = f": the `mlflow run` process {_launcher_pid} that started it has ended"
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name} (pid {os.getpid()}){why}")
 
 
 def install_signal_handlers() -> None:
     """SIGTERM behaves like Ctrl-C: the active runs end KILLED with the reason in `ltexp.error`."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_launcher_pid: int | None = None  # the `mlflow run` process this one follows (follow_launcher)
+
+
+def _launched_by_mlflow_run(pid: int) -> bool:
+    """Whether process `pid` is the `mlflow run` command (`mlflow run ...` or `python -m mlflow run ...`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return False
+    # The console script runs as [mlflow, run, ...] or, through its #! line, [python, .../mlflow, run, ...].
+    for i, arg in enumerate(argv[:3]):
+        if os.path.basename(arg) == "mlflow" and (i <= 1 or argv[i - 1] == "-m"):
+            return argv[i + 1:i + 2] == ["run"]
+    return False
+
+
+def _launcher_ended(pid: int, wait_s: float = 1.0) -> bool:
+    """Whether the launcher `pid` has ended or is ending, waiting up to `wait_s` for it to show.
+
+    The kernel sends the parent-death signal when the launcher's thread that started this process
+    ends; while its other threads (MLflow's background workers) are still exiting, this process
+    keeps it as parent and its main thread shows as a zombie ('Z' in /proc/<pid>/stat)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if os.getppid() != pid:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def follow_launcher() -> None:
+    """Under `mlflow run`, get SIGTERM when the `mlflow run` process that started this one dies.
+
+    `mlflow run` starts the entry point as its child (`bash -c <command>`, which bash replaces by
+    the command) and waits for it, but has no SIGTERM handler: a SIGTERM sent to it alone
+    (Kubernetes, Slurm, `kill <pid>`) ends it at once and left this process training on, its run
+    RUNNING. Linux's PR_SET_PDEATHSIG makes the kernel send SIGTERM to this process when its
+    parent ends, which `install_signal_handlers` turns into a KILLED run. Only when the parent is
+    `mlflow run` (MLFLOW_RUN_ID set): a shell or scheduler that started ltexp is left alone.
+    """
+    global _launcher_pid
+    if not sys.platform.startswith("linux") or not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    parent = os.getppid()
+    if not _launched_by_mlflow_run(parent):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # e.g. a seccomp profile that forbids prctl: the behaviour before this call
+    _launcher_pid = parent
+    if os.getppid() != parent:  # `mlflow run` ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def interrupt_reason(exc: BaseException) -> str:

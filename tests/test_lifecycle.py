@@ -440,3 +440,50 @@ def test_sweep_closes_a_run_whose_mlflow_run_environment_never_started_ltexp(env
     assert closed.info.status == "KILLED"
     assert "`mlflow run` of entry point 'baseline' never started ltexp" in closed.data.tags["ltexp.error"]
     assert left.info.run_id in proc.stdout
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie that its new parent has not reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_sigterm_to_mlflow_run_alone_ends_its_training_child_and_the_run_killed(env, tmp_path, mlflow_store):
+    """Kubernetes and Slurm signal the top `mlflow run` process only: ltexp, its child, must end too."""
+    from conftest import REPO
+
+    log = tmp_path / "mlflow-run.log"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "baseline",
+                                     "--env-manager", "local", "-P", "epochs=400", "-P", "checkpoint_every=1"],
+                                    env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+    trainer = None
+    try:
+        checkpoints = os.path.join(env["LTEXP_CACHE"], "checkpoints", "*.pt")
+        deadline = time.time() + 300
+        while time.time() < deadline and not glob.glob(checkpoints) and launcher.poll() is None:
+            time.sleep(0.05)  # until ltexp has trained an epoch
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        (run,) = _runs(mlflow_store)
+        trainer = int(run.data.tags["ltexp.pid"])
+        assert run.info.status == "RUNNING" and trainer != launcher.pid and not _ended(trainer)
+
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == -signal.SIGTERM  # `mlflow run` has no handler: it ends at once
+        while time.time() < deadline and not _ended(trainer):
+            time.sleep(0.05)
+        assert _ended(trainer), "ltexp kept training after `mlflow run` was terminated"
+        ended = MlflowClient().get_run(run.info.run_id)
+        assert ended.info.status == "KILLED"
+        assert ended.data.tags["ltexp.error"] == (f"terminated by signal SIGTERM (pid {trainer}): the `mlflow run` "
+                                                  f"process {launcher.pid} that started it has ended")
+        assert glob.glob(checkpoints)  # kept: the same command resumes
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if trainer is not None and not _ended(trainer):
+            os.kill(trainer, signal.SIGKILL)
