@@ -31,3 +31,22 @@ class LtexpError(Exception):
 
     def __init__(self, message: object = "", *args: object):
         super().__init__(redact(str(message)), *args)
+
+
+def write_error(what: str, where: object, exc: BaseException) -> LtexpError:
+    """The one line for a write that failed: `could not write <what> to <where>: <reason>`.
+
+    The reason is the operating system's (`No space left on device`, `File too large`) when an
+    `OSError` lies in `exc`'s chain (torch.save raises its RuntimeError while handling one), else
+    the first line of the innermost exception (e.g. SQLite's `database or disk is full`)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.strerror), None)
+    if os_error is not None:
+        reason = os_error.strerror
+    else:
+        lines = str(chain[-1]).strip().splitlines()
+        reason = lines[0] if lines else type(chain[-1]).__name__
+    return LtexpError(f"could not write {what} to {where}: {reason}")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import concurrency, lifecycle, plots, tracking
+from ltexp import concurrency, lifecycle, plots, tracking, write_error
 from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
@@ -161,7 +161,7 @@ class ExpertCache:
         self.entries[key] = (copy.deepcopy(model.state_dict()), result)
         if self.directory is not None:
             lifecycle.save_whole({"state": {k: v.detach().cpu() for k, v in self.entries[key][0].items()},
-                                  "result": dataclasses.asdict(result)}, self._path(key))
+                                  "result": dataclasses.asdict(result)}, self._path(key), "trained expert")
 
 
 def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
@@ -512,7 +512,10 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
 
     with tempfile.TemporaryDirectory() as tmp:
-        predictor.save(tmp)
+        try:
+            predictor.save(tmp)
+        except OSError as exc:
+            raise write_error("the model", tmp, exc) from exc
         model_uri = run.log_model(tmp, input_example=data.test_images[:2])
     version = None
     if cfg.tracking.register_as:

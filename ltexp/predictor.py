@@ -77,12 +77,14 @@ class FusedPredictor:
 
     # -- persistence: two files, so the pyfunc needs no pickle of ltexp classes ------------------
     def save(self, directory: str | Path) -> Path:
+        from ltexp.lifecycle import save_whole  # a failed write says why, in one line
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save([{"arch": e.arch, "in_channels": int(e.mean.shape[1]), "num_outputs": e.head.linear.out_features,
+        save_whole([{"arch": e.arch, "in_channels": int(e.mean.shape[1]), "num_outputs": e.head.linear.out_features,
                      "head": e.head.kind, "mean": e.mean.flatten().tolist(), "std": e.std.flatten().tolist(),
                      "state_dict": {k: v.detach().cpu() for k, v in e.state_dict().items()}}
-                    for e in self.experts], directory / "experts.pt")
+                    for e in self.experts], directory / "experts.pt", "the model's weights")
         meta = {"ltexp_version": __version__, "fusion": self.fusion, "fusion_params": self.fusion_params,
                 "class_names": list(self.class_names), "image_shape": list(self.image_shape),
                 "owners": [list(c) for c in self.layout.owners], "has_other": list(self.layout.has_other),

@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import shlex
@@ -181,6 +182,155 @@ def default_experiment_id() -> str:
     return experiment.experiment_id
 
 
+# Stores another process writes for us: their failures are that server's answers (`refusal`, an
+# unreachable server), reported as such. Every other store (a database, a folder, a bucket) is
+# written by this process, and a write it refuses (a full disk, a size limit) is reported by
+# `_writing`.
+SERVED_SCHEMES = ("http", "https", "mlflow-artifacts", "databricks")
+# MLflow logs each failed database write with its traceback, and each failed queued write, before
+# raising or recording it; ltexp reports them itself in one line (`_writing`, `Run.settle`).
+for _name in ("mlflow.store.db.utils", "mlflow.utils.async_logging.async_logging_queue"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set to `values` inside the block (MLflow reads its HTTP retry
+    settings per request), restored to what they were, unset ones unset, when it ends."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _served(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in SERVED_SCHEMES
+
+
+@contextmanager
+def _writing(what: str, where: str | None = None) -> Iterator[None]:
+    """A write to the tracking store (or to the artifact location `where`): a failed one raises one
+    `LtexpError` naming `what`, where and the reason (`ltexp.write_error`), e.g. "could not write
+    params of run 3f2c… to sqlite:////work/mlflow.db: database or disk is full"."""
+    where = where or store_identity()
+    try:
+        yield
+    except ltexp.LtexpError:
+        raise
+    except (OSError, mlflow.exceptions.MlflowException) as exc:
+        if _served(where) or refusal(exc) is not None:
+            reason = unanswered(exc) if refusal(exc) is None else None
+            if reason is not None:
+                raise StoreUnreachable(tracking_uri(), f"{reason} (writing {what})") from None
+            raise
+        raise ltexp.write_error(what, where, exc) from exc
+
+
+def _queued_failure(exc: mlflow.exceptions.MlflowException) -> mlflow.exceptions.MlflowException:
+    """The first failed write inside `RunOperations.wait`'s error, which quotes each failure's repr
+    (e.g. "[MlflowException('(sqlite3.OperationalError) disk I/O error\\n(Background ...')]")."""
+    import re
+
+    found = re.search(r": \[\w+\('(?:\([\w.]+\) )?(.+?)(?:\\n|'\))", str(exc))  # without SQLAlchemy's "(sqlite3.…)"
+    return mlflow.exceptions.MlflowException(found.group(1)) if found else exc
+
+
+# --- A tracking server that stops answering mid-run ---------------------------------------------
+
+class StoreUnreachable(ltexp.LtexpError):
+    """The tracking server stopped answering: `detail` says what was being written and why.
+    `_guarded` completes the message with what became of the run and its checkpoint (`final`)."""
+
+    def __init__(self, uri: str, detail: str, line: str | None = None, epoch: int = 0):
+        self.uri, self.detail, self.epoch, self.final = uri, detail, epoch, line is not None
+        super().__init__(line or f"tracking server {uri} stopped answering ({detail})")
+
+
+# What MLflow's HTTP client raises when no answer came: connections refused, reset or timed out,
+# or 5xx answers (a proxy before a dead server) until its retries ran out.
+_NO_ANSWER = (r"Max retries exceeded|Failed to establish a new connection|Connection (?:refused|reset|aborted)"
+              r"|RemoteDisconnected|timed out|too many \d{3} error responses")
+_NO_ANSWER_REASON = (r"\[Errno -?\d+\] [^'\"()\\]+", r"Read timed out", r"too many \d{3} error responses",
+                     r"Connection aborted", r"RemoteDisconnected")
+
+
+def unanswered(exc: BaseException) -> str | None:
+    """The short reason (e.g. `[Errno 111] Connection refused`) when `exc`, an MLflow error from
+    an HTTP tracking server, says the server did not answer at all; None for any other error."""
+    import re
+
+    if not _served(tracking_uri()):
+        return None
+    text = " ".join(str(exc).split())
+    if not re.search(_NO_ANSWER, text, re.IGNORECASE):
+        return None
+    for pattern in _NO_ANSWER_REASON:
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0).strip(" .,")
+    return text[:200]
+
+
+def _write_check_s() -> float:
+    """Age (s) at which a queued write has reached a healthy store: MLflow's worker collects writes
+    for MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS, then sends them in milliseconds. Waiting for one
+    that old costs nothing on a healthy store, and surfaces a dead server at the next epoch end."""
+    try:
+        buffering = float(os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS") or 0)
+    except ValueError:
+        buffering = 0.0
+    return 2 * buffering + 3.0
+
+
+# The last writes to a server that stopped answering (the reason, the FAILED status, what was still
+# queued): one attempt each, 3 s at most, instead of HTTP_DEFAULTS' retries with back-off.
+LAST_TRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+
+
+def _abandoned(run: "Run", exc: StoreUnreachable, active: bool) -> StoreUnreachable:
+    """End `run` after its tracking server stopped answering and return the error's final line.
+
+    One quick try marks it FAILED (`active`: it is still MLflow's active run); while the server is
+    down that cannot work, so the line says the run stays RUNNING and how it gets closed (the
+    resumed run closes it KILLED, or `ltexp runs sweep`), and which checkpoint is kept."""
+    from ltexp import lifecycle
+
+    marked = False
+    with _environment(LAST_TRY_ENV):
+        run._watch.clear()
+        run._queued = []
+        flush()  # what is still queued fails at once now (MLflow's queue logs nothing: see above)
+        if active:
+            try:
+                mlflow.set_tag(ERROR_TAG, f"tracking server stopped answering: {exc.detail}"[:5000])
+                marked = True
+            except Exception:
+                pass
+            try:  # MLflow leaves the run (its active-run stack) before it writes the status
+                mlflow.end_run("FAILED")
+            except Exception:
+                marked = False
+    if exc.final:  # said by a nested run already
+        return exc
+    epoch = exc.epoch or run.epoch
+    root = run.parent_id or run.run_id
+    kept = lifecycle.held_checkpoint(run.run_id) or lifecycle.held_checkpoint(root)
+    status = (f"run {run.run_id} is marked FAILED" if marked else
+              f"run {root} stays RUNNING (it cannot be marked FAILED while the server is down; the resumed run or "
+              f"`ltexp runs sweep` closes it)")
+    resume = (f"the checkpoint of epoch {kept} is kept, run the same command again once it is back to resume" if kept
+              else "no checkpoint was written yet (see --checkpoint-every): run the same command again once it is back")
+    line = (f"tracking server {exc.uri} stopped answering{f' during epoch {epoch}' if epoch else ''}: "
+            f"{exc.detail}; {resume}; {status}")
+    return StoreUnreachable(exc.uri, exc.detail, line, epoch)
+
+
 class Run:
     """Handle on the active MLflow run, with the logging calls the experiment needs."""
 
@@ -199,6 +349,50 @@ class Run:
         # one per process, and the flush at every run's end shuts it down and restarts it, which
         # fails a queueing call made meanwhile from another thread.
         self.synchronous = False
+        # (what, RunOperations) of each queued write, which `settle` checks: MLflow's queue only
+        # logs a write that failed, and the run would end FINISHED without it.
+        self._queued: list[tuple[str, Any]] = []
+        # The same writes with when they were queued and the epoch then, for `check_writes`.
+        self._watch: list[tuple[float, int, str, Any]] = []
+        self.epoch = 0  # the last epoch logged to this run (0: none yet)
+
+    def _queue(self, what: str, operations) -> None:
+        if operations is not None:  # a synchronous write returns None
+            self._queued.append((what, operations))
+            self._watch.append((time.monotonic(), self.epoch, what, operations))
+
+    def check_writes(self) -> None:
+        """Raise now for a queued write that failed (`_writing`), looking at those queued
+        `_write_check_s()` ago or earlier: a server that stopped answering ends the run at the next
+        epoch end after MLflow's retries for that write ran out, not at the run's end."""
+        horizon = time.monotonic() - _write_check_s()
+        while self._watch and self._watch[0][0] <= horizon:
+            _, epoch, what, operations = self._watch.pop(0)
+            try:
+                operations.wait()
+            except mlflow.exceptions.MlflowException as exc:
+                try:
+                    with _writing(what):
+                        raise _queued_failure(exc) from None
+                except StoreUnreachable as lost:
+                    lost.epoch = epoch
+                    raise
+
+    def settle(self) -> None:
+        """Wait for this run's queued writes (epochs, heartbeats, params); the first that failed
+        raises `LtexpError` (`_writing`)."""
+        flush()
+        queued, self._queued = self._queued, []
+        for what, operations in queued:
+            try:
+                operations.wait()
+            except mlflow.exceptions.MlflowException as exc:
+                with _writing(what):
+                    raise _queued_failure(exc) from None
+
+    def _artifact(self, path: str):
+        """The `_writing` guard of one artifact of this run."""
+        return _writing(f"artifact {path} of run {self.run_id}", self.run.info.artifact_uri)
 
     def log_config(self, cfg: RunConfig) -> None:
         """The settings this run's method uses as params (`config.used_settings`: no `sampling`
@@ -206,7 +400,8 @@ class Run:
         from ltexp.config import to_dict, used_settings
 
         self.log_params({k: v for k, v in used_settings(cfg).items() if v != ""})
-        mlflow.log_dict(to_dict(cfg), "config.json")
+        with self._artifact("config.json"):
+            mlflow.log_dict(to_dict(cfg), "config.json")
 
     def log_params(self, params: dict[str, Any], synchronous: bool = True) -> None:
         """Log params; one already on the run (e.g. logged by `mlflow run`) is kept, and a
@@ -224,17 +419,25 @@ class Run:
             elif not _same_value(existing[key], value):
                 out[key + RESOLVED_SUFFIX] = param_value(value)
         if out:
-            mlflow.log_params(out, synchronous=synchronous or self.synchronous)
+            what = f"params of run {self.run_id}"
+            with _writing(what):
+                self._queue(what, mlflow.log_params(out, synchronous=synchronous or self.synchronous))
             existing.update(out)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags(tags)
+        with _writing(f"tags of run {self.run_id}"):
+            mlflow.set_tags(tags)
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Per-epoch metrics at step = global epoch; asynchronous so logging stays out of epoch time."""
         values = {k: v for k, v in record.items() if k not in ("epoch", "stage")}
-        mlflow.log_metrics(_finite(values), step=int(record["epoch"]), synchronous=self.synchronous)
+        self.epoch = int(record["epoch"])
+        what = f"the metrics of epoch {record['epoch']} of run {self.run_id}"
+        with _writing(what):
+            self._queue(what, mlflow.log_metrics(_finite(values), step=int(record["epoch"]),
+                                                 synchronous=self.synchronous))
         self.heartbeat()
+        self.check_writes()
 
     def heartbeat(self) -> None:
         """Refresh `ltexp.heartbeat` (unix seconds) on this run and its parent, at most every
@@ -245,10 +448,13 @@ class Run:
         self._last_beat = now
         client = MlflowClient()
         for run_id in filter(None, (self.run_id, self.parent_id)):
-            client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=self.synchronous)
+            what = f"the heartbeat of run {run_id}"
+            with _writing(what):
+                self._queue(what, client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=self.synchronous))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics(_finite(metrics), step=step)
+        with _writing(f"metrics of run {self.run_id}"):
+            mlflow.log_metrics(_finite(metrics), step=step)
 
     def log_batch(self, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
                   step: int = 0) -> None:
@@ -257,8 +463,10 @@ class Run:
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
-                                 tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
+        with _writing(f"metrics and tags of run {self.run_id}"):
+            MlflowClient().log_batch(self.run_id,
+                                     metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
+                                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
 
     def log_history(self, history: list[dict[str, Any]], suffix: str) -> None:
         """Per-epoch records (`epoch` = step) as curves named `<key><suffix>`, e.g. one expert's
@@ -270,20 +478,23 @@ class Run:
         points = [Metric(f"{k}{suffix}", v, now, int(record["epoch"]))
                   for record in history for k, v in _finite({k: v for k, v in record.items()
                                                              if k not in ("epoch", "stage")}).items()]
-        for start in range(0, len(points), 1000):
-            MlflowClient().log_batch(self.run_id, metrics=points[start:start + 1000], synchronous=True)
+        with _writing(f"curves{suffix} of run {self.run_id}"):
+            for start in range(0, len(points), 1000):
+                MlflowClient().log_batch(self.run_id, metrics=points[start:start + 1000], synchronous=True)
 
     def log_figure(self, figure, path: str) -> None:
-        mlflow.log_figure(figure, path)
+        with self._artifact(path):
+            mlflow.log_figure(figure, path)
 
     def log_text(self, text: str, path: str) -> None:
-        mlflow.log_text(text, path)
+        with self._artifact(path):
+            mlflow.log_text(text, path)
 
     def log_table(self, frame, path: str) -> None:
         """A pandas DataFrame as a CSV artifact."""
         floats = frame.select_dtypes("float").columns
         frame = frame.assign(**{c: frame[c].map(as_logged) for c in floats})
-        mlflow.log_text(frame.to_csv(index=False), path)
+        self.log_text(frame.to_csv(index=False), path)
 
     @contextmanager
     def child(self, name: str, tags: dict[str, str]) -> Iterator["Run"]:
@@ -295,7 +506,9 @@ class Run:
         # `existing_run`) by its id, in its experiment, without making it active here.
         where = {} if active is not None and active.info.run_id == self.run_id else \
             {"parent_run_id": self.run_id, "experiment_id": self.run.info.experiment_id}
-        with _guarded(mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()}, **where)) as run:
+        with _writing(f"nested run {name} of run {self.run_id}"):
+            active = mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()}, **where)
+        with _guarded(active) as run:
             run.parent_id = self.run_id
             run._params = {}  # a new run: no params to read back from the store
             run.synchronous = threading.current_thread() is not threading.main_thread()
@@ -317,8 +530,9 @@ class Run:
             outputs=Schema([ColSpec("long", "label"), ColSpec("string", "class_name"), ColSpec("double", "score")]),
             params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
         )
-        info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
-        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        with _writing(f"the model of run {self.run_id}", self.run.info.artifact_uri):
+            info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
+        self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 
     @staticmethod
@@ -342,20 +556,35 @@ def existing_run(run_id: str) -> Run:
 
 @contextmanager
 def _guarded(active: mlflow.ActiveRun) -> Iterator[Run]:
-    """End `active` FINISHED, or FAILED (KILLED on Ctrl-C) with the error's one line as a tag."""
+    """End `active` FINISHED, or FAILED (KILLED on Ctrl-C) with the error's one line as a tag.
+
+    A run whose queued writes failed ends FAILED too (`Run.settle`). When the store refuses even
+    the reason and the status (a full disk), the error that ended the run is raised all the same."""
     run = Run(active)
     try:
         yield run
+        run.settle()
     except BaseException as exc:
+        if isinstance(exc, StoreUnreachable):  # every further write would wait for retries, in vain
+            raise _abandoned(run, exc, active=True) from None
         flush()
-        if run.status == "FINISHED":  # a status chosen on purpose (pruned trial) is not an error
-            mlflow.set_tag(ERROR_TAG, error_message(exc))
-        mlflow.end_run(run.status if run.status != "FINISHED" else
-                       "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        try:
+            if run.status == "FINISHED":  # a status chosen on purpose (pruned trial) is not an error
+                mlflow.set_tag(ERROR_TAG, error_message(exc))
+        except Exception:
+            pass  # the store refuses writes: the error below says why, the run stays RUNNING
+        try:  # MLflow leaves the run (its active-run stack) before it writes the status
+            mlflow.end_run(run.status if run.status != "FINISHED" else
+                           "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception:
+            pass
         raise
     else:
-        flush()
-        mlflow.end_run(run.status)
+        try:
+            with _writing(f"the end ({run.status}) of run {run.run_id}"):
+                mlflow.end_run(run.status)
+        except StoreUnreachable as exc:  # MLflow has left the run already
+            raise _abandoned(run, exc, active=False) from None
 
 
 @contextmanager
@@ -371,10 +600,12 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
         mlflow.set_experiment(experiment_name(cfg))
     from ltexp.lifecycle import process_tags
 
-    with _guarded(mlflow.start_run(run_name=None if existing else name)) as run:
+    with _writing("a new run" if not existing else f"run {existing}"):
+        active = mlflow.start_run(run_name=None if existing else name)
+    with _guarded(active) as run:
         if existing:  # `mlflow run` gave the run a random name; a readable one replaces it
             MlflowClient().update_run(run.run_id, name=name)
-        mlflow.set_tags({**run_tags(cfg, role), **process_tags()})
+        run.set_tags({**run_tags(cfg, role), **process_tags()})
         yield run
 
 
@@ -615,6 +846,9 @@ def _check_sqlite(uri: str, path: Path) -> None:
     where = f"tracking store {uri} ({_uri_source()})"
     if not folder.is_dir():
         raise LtexpError(f"{where}: folder {folder} does not exist: create it or set MLFLOW_TRACKING_URI to another path")
+    if path.is_dir():
+        raise LtexpError(f"{where}: {path} is a folder, not an SQLite file: name a file in it, e.g. "
+                         f"MLFLOW_TRACKING_URI=sqlite:///{path / 'mlflow.db'}")
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             raise LtexpError(f"{where} is read-only for this user: make {path} writable (chmod u+rw) or set "
@@ -622,6 +856,7 @@ def _check_sqlite(uri: str, path: Path) -> None:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise LtexpError(f"{where}: folder {folder} is not writable and sqlite needs it for its journal: "
                              f"make it writable or move the store")
+        _probe_sqlite_read(where, path)
     elif not os.access(folder, os.W_OK | os.X_OK):
         raise LtexpError(f"{where} cannot be created: folder {folder} is not writable; make it writable or set "
                          f"MLFLOW_TRACKING_URI=sqlite:///<a writable file>")
@@ -645,27 +880,80 @@ def check_store() -> str:
     path = _sqlite_path(uri) if scheme == "sqlite" else None
     if path is not None:
         _check_sqlite(uri, path)
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    if scheme in ("http", "https"):
-        os.environ.update(PROBE_ENV)
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _probe_database(uri, scheme)
     try:
-        if path is not None:
-            with _sqlite_creation_lock(path):
+        with _environment(PROBE_ENV if scheme in ("http", "https") else {}):
+            if path is not None:
+                with _sqlite_creation_lock(path):
+                    MlflowClient().search_experiments(max_results=1)
+                    _probe_sqlite_write(path)
+            else:
                 MlflowClient().search_experiments(max_results=1)
-                _probe_sqlite_write(path)
-        else:
-            MlflowClient().search_experiments(max_results=1)
     except LtexpError:
         raise
     except Exception as exc:
         raise LtexpError(_store_error(uri, scheme, exc)) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return uri
+
+
+DB_CONNECT_TIMEOUT_S = 10  # the pre-flight connection to a database store: libpq's / MySQL's connect_timeout
+
+
+def _probe_database(uri: str, scheme: str) -> None:
+    """One connection to a database store before MLflow opens it, with a connect timeout.
+
+    MLflow's engine retries a failed first connection 10 times with growing sleeps (~100 s), so
+    a wrong host, port or password, or a database that is down, took two minutes to report; and
+    without `connect_timeout` a host that drops packets waits for the kernel's TCP timeout. A
+    `connect_timeout` given in the URI's query is kept."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from ltexp import LtexpError
+
+    where = f"tracking store {uri} ({_uri_source()})"
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+        connect_args = {} if scheme == "mssql" or "connect_timeout" in url.query else \
+            {"connect_timeout": DB_CONNECT_TIMEOUT_S}
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    except (ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise LtexpError(f"{where} cannot be opened: {type(exc).__name__}: {exc} (install its driver, e.g. "
+                         f"pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        reason = " ".join(str(exc.orig).split())[:300]
+        raise LtexpError(f"{where}: cannot connect ({reason}): start the database or fix MLFLOW_TRACKING_URI") from None
+    finally:
+        engine.dispose()
+
+
+def _probe_sqlite_read(where: str, path: Path) -> None:
+    """Open the existing file once with sqlite itself and read its schema: a file that is no
+    database (a text file, a torn copy) fails here at once, where MLflow's engine would retry
+    the same open 10 times with growing sleeps (~100 s) before giving up."""
+    import sqlite3
+
+    from ltexp import LtexpError
+
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:  # its subclass OperationalError too
+        if "locked" in str(exc):
+            return  # busy for 30 s with another process's write: MLflow's own calls wait for it
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        magic = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+        what = "" if head == magic else f"; it starts with {head!r}, an SQLite database with {magic!r}"
+        raise LtexpError(f"{where} is not usable: sqlite says '{exc}'{what}: name an SQLite file, or a new "
+                         f"one that MLflow will create") from None
 
 
 def _probe_sqlite_write(path: Path) -> None:
@@ -847,7 +1135,8 @@ def download_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:
 
 def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> None:
     """Every file under `local_dir` as artifacts of the active run."""
-    mlflow.log_artifacts(str(local_dir), artifact_path)
+    with _writing(f"artifacts {artifact_path or local_dir}", mlflow.get_artifact_uri()):
+        mlflow.log_artifacts(str(local_dir), artifact_path)
 
 
 @contextmanager

@@ -53,6 +53,20 @@ def _split_threads_between_workers() -> None:
 _split_threads_between_workers()
 
 
+def file_size_limit(n: int):
+    """A subprocess `preexec_fn`: no file of the process can grow past `n` bytes (RLIMIT_FSIZE),
+    a full disk for every write beyond. SIGXFSZ is ignored, so such a write fails with EFBIG
+    ("File too large") instead of killing the process."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
+    return limit
+
+
 def write_image_folder(root: Path, train_per_class: int, test_per_class: int, size: int = 20, seed: int = 0) -> Path:
     """Write a `folder:` data set of three classes a, b, c (`root/{train,test}/<class>/<i>.png`),
     each a mean grey level plus noise, so a model can learn it. Returns `root`."""

