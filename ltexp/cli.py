@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_section(data, "data")
     data.add_argument("--json", action="store_true", help="print JSON instead of a table")
     data.add_argument("--output-dir", default=".", help="where class_counts.png is saved (default: .)")
+    data.add_argument("--pack", default="", metavar="FILE",
+                      help="also write the long-tailed data set (train, validation, test) to FILE, which "
+                           "--dataset pack:FILE trains on without the source (default: no pack)")
 
     grid = commands.add_parser("grid", help="the study matrix (data sets x imbalance x methods x seeds), one tracked "
                                             "run per cell; resumable; many workers share it through --storage")
@@ -287,6 +290,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ltexp.data import build_dataset
 
     cfg = resolve_config(_sections(args)).data
+    if args.pack:
+        from dataclasses import replace
+
+        from ltexp.data.pack import write_pack
+
+        meta = write_pack(cfg, args.pack)
+        size = Path(args.pack).stat().st_size
+        print(f"packed {meta['name']} ({cfg.imb_type} {cfg.imb_factor:g}, data seed {cfg.data_seed}) into {args.pack}: "
+              f"{size / 2**20:.1f} MiB, sha256 {meta['sha256'][:16]}; train on it with --dataset pack:{args.pack}")
+        cfg = replace(cfg, dataset=f"pack:{args.pack}")  # the profile below is read back from the pack
     data = build_dataset(cfg)
     from ltexp import plots  # matplotlib: once the data set has loaded
     table = data.counts_table()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import PurePath
 from typing import Any, Callable
 
 from ltexp import LtexpError
@@ -96,7 +97,8 @@ def _loss_option(name: str):
 class DataConfig:
     """Which images, how they are made long-tailed, and how validation is carved out."""
 
-    dataset: str = setting("digits", "digits (embedded default), cifar10, cifar100 or folder:<path>")
+    dataset: str = setting("digits", "digits (embedded default), cifar10, cifar100, folder:<path> or "
+                                     "pack:<file> (made by ltexp data --pack)")
     data_dir: str = setting("data", "folder holding (or receiving) the CIFAR archives", when=_is_cifar)
     imb_type: str = setting("exp", "long-tail profile: exp or step", choices=IMB_TYPES)
     imb_factor: float = setting(0.01, "smallest / largest class count, in (0, 1]; 1 keeps the counts")
@@ -114,12 +116,13 @@ class DataConfig:
                                 "every --seed trains on the same images)")
 
     def __post_init__(self) -> None:
-        if not (self.dataset in DATASETS or self.dataset.startswith("folder:")):
+        if not (self.dataset in DATASETS or self.dataset.startswith(("folder:", "pack:"))):
             raise LtexpError(
-                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)} or folder:<path>"
+                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)}, folder:<path> or pack:<file>"
             )
-        if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
-            raise LtexpError("--dataset folder: needs a path, e.g. folder:/data/my_images")
+        for prefix, example in (("folder:", "folder:/data/my_images"), ("pack:", "pack:cifar10-lt.ltpack")):
+            if self.dataset == prefix:
+                raise LtexpError(f"--dataset {prefix} needs a path, e.g. {example}")
         _check_section(self)
         if not (isinstance(self.imb_factor, (int, float)) and 0 < self.imb_factor <= 1):
             raise LtexpError(f"--imb-factor {self.imb_factor!r} is outside (0, 1]: use e.g. 0.1 or 0.01 (1 = keep counts)")
@@ -129,10 +132,23 @@ class DataConfig:
             raise LtexpError(f"--image-size {self.image_size} must be >= 4 pixels")
 
     @property
+    def short_name(self) -> str:
+        """The data set in a few characters, for run and model names: `cifar10`, `folder:<folder
+        name>` (not its whole path), `pack:<file name without suffix>`."""
+        for prefix in ("folder:", "pack:"):
+            if self.dataset.startswith(prefix):
+                path = PurePath(self.dataset[len(prefix):])
+                return prefix + ((path.stem if prefix == "pack:" else path.name) or str(path))
+        return self.dataset
+
+    @property
     def family(self) -> str:
-        """`digits`, `cifar` or `folder`: the preset family used for data-set defaults."""
+        """`digits`, `cifar`, `folder` or `pack`: the preset family used for data-set defaults (a
+        pack's defaults are those of the family it was packed from, `resolve_config`)."""
         if self.dataset.startswith("cifar"):
             return "cifar"
+        if self.dataset.startswith("pack:"):
+            return "pack"
         return "folder" if self.dataset.startswith("folder:") else "digits"
 
 
@@ -508,8 +524,14 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     sections, protocol = apply_preset(sections, preset), preset  # `preset` is reused below for PRESETS
     data_values = {k: v for k, v in sections.get("data", {}).items() if v != AUTO}
     data = DataConfig(**data_values)
-    preset = PRESETS[data.family]
-    if data.family == "folder" and data.image_size < 32:
+    family, side, packed_val = data.family, data.image_size, None
+    if family == "pack":  # the defaults of the data set it was packed from, its images' size
+        from ltexp.data.pack import pack_meta, pack_path
+
+        meta = pack_meta(pack_path(data.dataset))
+        family, side, packed_val = meta["family"], meta["image_shape"][0], meta["settings"]["val_per_class"]
+    preset = PRESETS[family]
+    if family == "folder" and side < 32:
         preset = {**preset, "model": "smallcnn", "augment": "crop"}
 
     def fill(cls, values: dict[str, Any], defaults: dict[str, Any]):
@@ -525,7 +547,7 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     if data.augment == AUTO:
         data = replace(data, augment=preset["augment"])
     if data.val_per_class == 0:
-        data = replace(data, val_per_class=CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"]))
+        data = replace(data, val_per_class=packed_val or CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"]))
     method = fill(MethodConfig, sections.get("method", {}), {})
     method_cls = METHODS[method.method]
     # The paper clips expert gradients at norm 5; single-model methods default to no clipping.

@@ -86,6 +86,12 @@ def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     commit = git_commit()
     if commit:
         tags["ltexp.git_commit"] = commit
+    from ltexp.data.pack import pack_meta, pack_path
+
+    packed = pack_path(cfg.data.dataset)
+    if packed is not None:  # which images, whatever the file is called or where it lies
+        meta = pack_meta(packed)
+        tags.update({"ltexp.pack_sha256": meta["sha256"], "ltexp.pack_source": meta["source"]})
     return tags
 
 
@@ -154,10 +160,7 @@ def store_identity(uri: str | None = None) -> str:
 def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
     """A readable run name: `split·cifar100·exp0.01·e200·s0` (`tune·digits·exp0.01·e100` for a
     study): the epochs tell a 10-epoch grid cell from a 200-epoch run of the same setting."""
-    dataset = cfg.data.dataset
-    if dataset.startswith("folder:"):
-        dataset = "folder:" + (Path(dataset[len("folder:"):]).name or dataset[len("folder:"):])
-    parts = [cfg.method.method if role != "tune" else "tune", dataset, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
+    parts = [cfg.method.method if role != "tune" else "tune", cfg.data.short_name, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
              f"e{cfg.optim.epochs}"]
     return "·".join(parts + ([f"s{cfg.seed}"] if role != "tune" else []))
 

@@ -86,10 +86,13 @@ def objective_value(terms: list[tuple[float, str]], val_metrics: dict[str, float
 
 def default_model_name(dataset: str) -> str:
     """The registered-model name when --model-name is empty: `ltexp-<dataset>`, and for a folder
-    data set `ltexp-folder-<folder name>` (MLflow refuses '/' and ':' in a name)."""
-    if dataset.startswith("folder:"):
-        folder = Path(dataset[len("folder:"):]).expanduser().resolve().name
-        dataset = "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.")
+    data set `ltexp-folder-<folder name>`, for a pack `ltexp-pack-<file name without suffix>`
+    (MLflow refuses '/' and ':' in a name)."""
+    for prefix in ("folder:", "pack:"):
+        if dataset.startswith(prefix):
+            path = Path(dataset[len(prefix):]).expanduser().resolve()
+            name = path.stem if prefix == "pack:" else path.name
+            dataset = prefix[:-1] + "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     return f"ltexp-{dataset}"
 
 

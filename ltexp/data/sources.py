@@ -4,6 +4,8 @@
 - `cifar10` / `cifar100`: the official python archives (torchvision's layout), downloaded with
   torchvision's utilities when absent and online.
 - `folder:<path>`: `<path>/train/<class>/*.png|jpg` and `<path>/test/<class>/*`.
+
+A packed data set (`pack:<file>`, ltexp.data.pack) is already long-tailed: it is no source.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class ImageSource:
     test_labels: np.ndarray
     class_names: tuple[str, ...]
     balanced: bool
+    # The file each image was decoded from (a folder data set), so a pack can keep its bytes.
+    train_files: tuple[str, ...] | None = None
+    test_files: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -256,16 +261,17 @@ def _read_folder_split(split_dir: Path, image_size: int, class_names: tuple[str,
         if extra:
             raise LtexpError(f"{split_dir} has classes missing from train/: {', '.join(extra)}")
     class_names = class_names or names
-    images, labels = [], []
+    images, labels, paths = [], [], []
     for label, cname in enumerate(class_names):
         cdir = split_dir / cname
         files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if cdir.is_dir() else []
         for path in files:
             images.append(decode_image(path, f"image {path}", "RGB", (image_size, image_size)))
             labels.append(label)
+            paths.append(str(path))
     if not images:
         raise LtexpError(f"{split_dir} holds no images (allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names
+    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names, tuple(paths)
 
 
 def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
@@ -273,13 +279,13 @@ def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise LtexpError(f"folder data set {root} does not exist")
-    train_images, train_labels, names = _read_folder_split(root / "train", image_size, None)
+    train_images, train_labels, names, train_files = _read_folder_split(root / "train", image_size, None)
     # Accuracy over one class measures nothing, and a class the test split lacks cannot be scored
     # (its accuracy, its group's and the macro average would be undefined): refuse both up front.
     if len(names) < 2:
         raise LtexpError(f"folder data set {root} has only one class ({names[0]!r} in {root / 'train'}): "
                          f"a classifier needs at least 2 classes, one sub-folder each")
-    test_images, test_labels, _ = _read_folder_split(root / "test", image_size, names)
+    test_images, test_labels, _, test_files = _read_folder_split(root / "test", image_size, names)
     untested = [name for name, n in zip(names, np.bincount(test_labels, minlength=len(names))) if n == 0]
     if untested:
         raise LtexpError(f"folder data set {root}: class {untested[0]!r} has training images but none in "
@@ -287,7 +293,7 @@ def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
                          + (f" ({len(untested)} classes lack them: {', '.join(map(repr, untested))})"
                             if len(untested) > 1 else ""))
     return ImageSource(f"folder:{root}", train_images, train_labels, test_images, test_labels, names,
-                       balanced=False)
+                       balanced=False, train_files=train_files, test_files=test_files)
 
 
 # Named data sets; any other dataset is "folder:<path>" (an image-folder tree).
@@ -302,4 +308,4 @@ def load_source(dataset: str, data_dir: str = "data", image_size: int = 32, down
         return load_cifar_source(dataset, data_dir, download)
     if dataset.startswith("folder:"):
         return load_folder_source(dataset[len("folder:"):], image_size)
-    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100 or folder:<path>")
+    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100, folder:<path> or pack:<file>")
