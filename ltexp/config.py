@@ -526,10 +526,11 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     data = DataConfig(**data_values)
     family, side, packed_val = data.family, data.image_size, None
     if family == "pack":  # the defaults of the data set it was packed from, its images' size
-        from ltexp.data.pack import pack_meta, pack_path
+        from ltexp.data.pack import default_val_per_class, pack_meta, pack_path
 
         meta = pack_meta(pack_path(data.dataset))
-        family, side, packed_val = meta["family"], meta["image_shape"][0], meta["settings"]["val_per_class"]
+        family, side = meta["family"], meta["image_shape"][0]
+        packed_val = default_val_per_class(meta, data) if data.val_per_class == 0 else None
     preset = PRESETS[family]
     if family == "folder" and side < 32:
         preset = {**preset, "model": "smallcnn", "augment": "crop"}

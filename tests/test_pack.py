@@ -76,7 +76,7 @@ def test_a_pack_holds_exactly_the_data_set_it_was_made_from(tmp_path, capsys, so
     assert (packed.model, packed.data.augment, packed.data.val_per_class) == \
         (direct.model, direct.data.augment, direct.data.val_per_class)
     meta = pack_meta(out)
-    assert meta["settings"]["imb_factor"] == direct.data.imb_factor and len(meta["sha256"]) == 64
+    assert meta["sets"][0]["settings"]["imb_factor"] == direct.data.imb_factor and len(meta["sha256"]) == 64
 
 
 def test_a_folders_jpeg_files_travel_byte_for_byte(tmp_path, capsys):
@@ -109,15 +109,45 @@ def test_training_on_a_pack_gives_the_metrics_of_its_folder(mlflow_store, tmp_pa
     assert "image_size" not in pack.data.params  # not used: a pack's images keep their packed size
 
 
-def test_a_run_whose_settings_differ_from_the_pack_is_refused_naming_the_flag(tmp_path, capsys):
+def test_a_run_whose_settings_match_no_set_of_the_pack_is_refused_listing_them(tmp_path, capsys):
     out = tmp_path / "set.ltpack"
     _pack(capsys, out)
     with pytest.raises(SystemExit) as exc:
         main(["data", "--dataset", f"pack:{out}", "--imb-factor", "0.1"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"ltexp: error: --imb-factor 0.1 differs from the pack {out}, made with --imb-type exp --imb-factor 0.01 "
-        f"--val-source holdout --val-per-class 20 --data-seed 0: give its values, or pack the data set again with yours")
+        f"ltexp: error: the pack {out} holds no set made with --imb-type exp --imb-factor 0.1 --val-source holdout "
+        f"--val-per-class 20 --data-seed 0: it holds --imb-type exp --imb-factor 0.01 --val-source holdout "
+        f"--val-per-class 20 --data-seed 0; give one of those settings, or add yours with "
+        f"`ltexp data --pack {out} --dataset digits ...`")
+
+
+def test_several_sets_of_one_source_share_a_pack_and_its_images(tmp_path, capsys):
+    settings = [["--imb-type", "exp", "--imb-factor", "0.01"], ["--imb-type", "step", "--imb-factor", "0.1"],
+                ["--imb-type", "exp", "--imb-factor", "0.1", "--val-source", "paper"]]
+    shared = tmp_path / "all.ltpack"
+    alone = 0
+    for i, flags in enumerate(settings):
+        _pack(capsys, shared, *flags)
+        _pack(capsys, tmp_path / f"{i}.ltpack", *flags)
+        alone += (tmp_path / f"{i}.ltpack").stat().st_size
+    _pack(capsys, shared, *settings[0])  # packing a set again replaces it: still three sets
+    meta = pack_meta(shared)
+    assert len(meta["sets"]) == 3 and shared.stat().st_size < 0.75 * alone  # each image stored once
+    for flags in settings:
+        values = dict(zip(flags[::2], flags[1::2]))
+        sections = {"imb_type": values["--imb-type"], "imb_factor": float(values["--imb-factor"]),
+                    "val_source": values.get("--val-source", "holdout")}
+        _same(build_dataset(_data(**sections)), build_dataset(_data(**sections, dataset=f"pack:{shared}")))
+
+
+def test_a_pack_takes_sets_of_one_source_only(tmp_path, capsys):
+    out = tmp_path / "set.ltpack"
+    _pack(capsys, out)
+    root = write_image_folder(tmp_path / "png", 6, 2, size=8)
+    with pytest.raises(SystemExit):
+        main(["data", "--pack", str(out), "--dataset", f"folder:{root}", "--imb-factor", "1", "--image-size", "8"])
+    assert "a pack holds sets of one source; choose another file" in capsys.readouterr().err
 
 
 def _flip_last_byte_of(path, member):
