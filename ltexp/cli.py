@@ -337,7 +337,27 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     grid_cfg = GridConfig(**{f.name: getattr(args, "grid_" + f.name) for f in fields(GridConfig)})
     fixed = {name: values for name, values in _sections(args).items() if values and name in TRAIN_SECTIONS}
-    result = run_grid(grid_cfg, fixed, device=args.device, progress=not args.no_progress)
+    helpers = None
+    if grid_cfg.jobs > 1:  # this process is the first worker; the others share its threads
+        import torch
+
+        from ltexp.grid import GridHelpers
+        from ltexp.threads import job_threads
+
+        threads = job_threads(torch.get_num_threads(), grid_cfg.jobs)
+        torch.set_num_threads(threads)
+        helpers = GridHelpers(args.argv, grid_cfg.jobs, threads)
+    try:
+        result = run_grid(grid_cfg, fixed, device=args.device, progress=not args.no_progress,
+                          on_ready=helpers.start if helpers else None)
+    except BaseException:
+        if helpers is not None:
+            helpers.stop()
+        raise
+    codes = helpers.wait() if helpers is not None else []
+    if any(codes):
+        raise LtexpError(f"grid {result.grid_name}: {sum(1 for c in codes if c)} of {len(codes)} helper workers of "
+                         f"--jobs {grid_cfg.jobs} failed (exit codes {codes}); their lines above say why")
     counts = result.counts
     print(f"grid {result.grid_name}: {counts['done']}/{result.cells} cells done "
           f"({len(result.ran)} run by this worker, {len(result.reused)} reused FINISHED runs) in {result.wall_s:.1f} s")
@@ -362,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lifecycle.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `ltexp grid --jobs N` starts workers with it
     try:
         lifecycle.follow_launcher()  # a SIGTERM that ends `mlflow run` ends this process's runs too
         from ltexp.threads import configure_threads

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ltexp import LtexpError, redact
+from ltexp.lifecycle import PARENT_ENV
 from ltexp.config import BOOKKEEPING_FIELDS, RUN_PRESETS, RunConfig, flatten, resolve_config
 from ltexp.progress import CountProgress
 
@@ -55,12 +60,17 @@ class GridConfig:
                 "the MLflow sqlite store"})
     heartbeat_s: int = field(default=60, metadata={
         "help": "seconds between a worker's heartbeats; a cell silent for twice this is re-run by another worker"})
+    jobs: int = field(default=1, metadata={
+        "help": "worker processes this command runs, each claiming cells: N cells at once on this machine "
+                "(e.g. on one GPU), each with an equal share of the CPU threads"})
 
     def __post_init__(self) -> None:
         if self.preset not in RUN_PRESETS:
             raise LtexpError(f"unknown --preset {self.preset!r}: allowed are {', '.join(RUN_PRESETS)}")
         if self.heartbeat_s < 1:
             raise LtexpError(f"--heartbeat-s {self.heartbeat_s} must be >= 1")
+        if self.jobs < 1:
+            raise LtexpError(f"--jobs {self.jobs} must be >= 1 (worker processes of this command)")
         for name in ("datasets", "imb_types", "imb_factors", "seeds"):
             if not split_list(getattr(self, name)):
                 raise LtexpError(f"--{name.replace('_', '-')} is empty: give at least one value")
@@ -175,9 +185,12 @@ def _cell_value(metrics: dict[str, float]) -> float:
 
 
 def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "auto", progress: bool = True,
-             poll_s: float | None = None) -> GridResult:
+             poll_s: float | None = None, on_ready: Callable[[], None] | None = None) -> GridResult:
     """Run this worker's share of the grid: claim cells until none is free, wait for the cells other
-    workers hold (taking over those whose worker died), then summarise on the parent run."""
+    workers hold (taking over those whose worker died), then summarise on the parent run.
+
+    `on_ready` is called once the grid's study and parent run exist (`ltexp grid --jobs N` starts
+    its helper workers there, so they join rather than race to create them)."""
     from ltexp import tracking
     from ltexp.coord.cells import RUN_ID_ATTR, open_cell_queue
     from ltexp.coord.claim import parent_run_id, record_parent_run
@@ -203,6 +216,8 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
                            **{f"fixed.{k}": v for section in fixed.values() for k, v in section.items()}})
         experiment_id = parent.run.info.experiment_id
         queue.requeue_unfinished()
+        if on_ready is not None:
+            on_ready()
         bar = CountProgress("grid", "cell", len(cells), queue.counts()["done"], progress)
         poll = poll_s if poll_s is not None else min(5.0, grid.heartbeat_s)
         try:
@@ -280,3 +295,32 @@ def cell_table(queue, cells: list[Cell]):
                      "attempts": len([t for t in trials if "ltexp.duplicate_of" not in t.user_attrs]),
                      "config_hash": cell.config_hash})
     return pd.DataFrame(rows)
+
+
+class GridHelpers:
+    """The N-1 helper workers of `ltexp grid --jobs N`: the same command line (`argv`) as separate
+    processes, one job each with `threads` torch threads, claiming cells from the same study.
+
+    Each asks the kernel for SIGTERM should this process die (`LTEXP_PARENT_PID`, see
+    `lifecycle.follow_launcher`); `stop` ends them (their cells go back to the queue, their runs
+    end KILLED) and `wait` returns their exit codes."""
+
+    def __init__(self, argv: list[str], jobs: int, threads: int):
+        self.argv = [sys.executable, "-m", "ltexp", *argv, "--jobs", "1", "--threads", str(threads), "--no-progress"]
+        self.count = jobs - 1
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        env.pop("MLFLOW_RUN_ID", None)  # the helpers join the grid's parent run, they are not `mlflow run`'s
+        self.processes = [subprocess.Popen(self.argv, env=env) for _ in range(self.count)]
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            proc.wait()
+
+    def wait(self) -> list[int]:
+        return [proc.wait() for proc in self.processes]

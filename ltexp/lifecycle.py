@@ -312,7 +312,7 @@ def _raise_terminated(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     why = ""
     if _launcher_pid is not None and _launcher_ended(_launcher_pid):  # sent by the kernel: see follow_launcher
-        why = f": the `mlflow run` process {_launcher_pid} that started it has ended"
+        why = f": the {_launcher_name} process {_launcher_pid} that started it has ended"
     raise Terminated(f"terminated by signal {signal.Signals(signum).name} (pid {os.getpid()}){why}")
 
 
@@ -322,7 +322,11 @@ def install_signal_handlers() -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_launcher_pid: int | None = None  # the `mlflow run` process this one follows (follow_launcher)
+_launcher_pid: int | None = None  # the process this one follows (follow_launcher) and what it is
+_launcher_name = "`mlflow run`"
+# Set by a command that starts ltexp workers of its own (`ltexp grid --jobs N`) to its pid: a
+# worker whose parent has this pid follows it as it follows `mlflow run`.
+PARENT_ENV = "LTEXP_PARENT_PID"
 
 
 def _launched_by_mlflow_run(pid: int) -> bool:
@@ -361,28 +365,34 @@ def _launcher_ended(pid: int, wait_s: float = 1.0) -> bool:
 
 
 def follow_launcher() -> None:
-    """Under `mlflow run`, get SIGTERM when the `mlflow run` process that started this one dies.
+    """Under `mlflow run` (or as a helper worker of `ltexp grid --jobs N`), get SIGTERM when the
+    process that started this one dies.
 
     `mlflow run` starts the entry point as its child (`bash -c <command>`, which bash replaces by
     the command) and waits for it, but has no SIGTERM handler: a SIGTERM sent to it alone
     (Kubernetes, Slurm, `kill <pid>`) ends it at once and left this process training on, its run
     RUNNING. Linux's PR_SET_PDEATHSIG makes the kernel send SIGTERM to this process when its
     parent ends, which `install_signal_handlers` turns into a KILLED run. Only when the parent is
-    `mlflow run` (MLFLOW_RUN_ID set): a shell or scheduler that started ltexp is left alone.
+    `mlflow run` (MLFLOW_RUN_ID set) or the ltexp command named by `PARENT_ENV`: a shell or
+    scheduler that started ltexp is left alone.
     """
-    global _launcher_pid
-    if not sys.platform.startswith("linux") or not os.environ.get("MLFLOW_RUN_ID"):
+    global _launcher_pid, _launcher_name
+    if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
-    if not _launched_by_mlflow_run(parent):
+    if os.environ.get(PARENT_ENV) == str(parent):
+        name = "`ltexp grid --jobs`"
+    elif os.environ.get("MLFLOW_RUN_ID") and _launched_by_mlflow_run(parent):
+        name = "`mlflow run`"
+    else:
         return
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         return  # e.g. a seccomp profile that forbids prctl: the behaviour before this call
-    _launcher_pid = parent
-    if os.getppid() != parent:  # `mlflow run` ended before the request took effect
+    _launcher_pid, _launcher_name = parent, name
+    if os.getppid() != parent:  # the launcher ended before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

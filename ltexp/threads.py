@@ -130,3 +130,9 @@ def configure_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
+
+
+def job_threads(threads: int, jobs: int) -> int:
+    """Torch threads for each of `jobs` processes sharing `threads` (`ltexp tune --jobs`,
+    `ltexp grid --jobs`): an equal share, at least 1."""
+    return max(1, threads // jobs)

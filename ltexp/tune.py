@@ -46,6 +46,7 @@ from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer
                               fusion_table, prepare, train_expert)
 from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
 from ltexp.progress import CountProgress
+from ltexp.threads import job_threads
 
 
 class _NoTraceback(logging.Filter):
@@ -512,11 +513,6 @@ class TrialReporter:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def job_threads(threads: int, jobs: int) -> int:
-    """Torch threads for each of `jobs` processes sharing `threads`: an equal share, at least 1."""
-    return max(1, threads // jobs)
 
 
 # Seeds of the helpers' samplers: apart from the command's (--seed) and from each other's.

@@ -124,6 +124,64 @@ def test_a_killed_grid_restarted_runs_only_the_missing_cells(subprocess_env, tmp
     assert [t.state.name for t in trials].count("FAIL") == 1  # the killed attempt, failed by its heartbeat
 
 
+def _pids_of_children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return {int(p) for p in fh.read().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_grid_jobs_runs_helper_workers_that_share_the_cells(subprocess_env, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "ltexp", "grid", "--methods", "baseline,resample", "--imb-types", "exp",
+           "--imb-factors", "0.1,0.01", "--seeds", "0", "--epochs", "6", "--storage", storage, "--grid-name", "jobs",
+           "--jobs", "2", "--threads", "2", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("grid jobs: 4/4 cells done")]
+    assert len(summaries) == 2, proc.stdout  # the command's worker and its helper each finished
+    ran = [int(line.split("(")[1].split()[0]) for line in summaries]
+    assert sum(ran) == 4  # every cell run once, by one of the two
+    mlflow.set_tracking_uri(subprocess_env["MLFLOW_TRACKING_URI"])
+    runs = _runs("tags.`ltexp.grid` = 'jobs' and tags.`ltexp.role` = 'experiment'")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["ltexp.cell"] for r in runs}) == 4
+    (parent,) = _runs("tags.`ltexp.grid` = 'jobs' and tags.`ltexp.role` = 'grid'")
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_grid_jobs_helpers_end_with_their_command(subprocess_env, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "ltexp", "grid", "--methods", "baseline", "--imb-types", "exp,step",
+           "--imb-factors", "0.1,0.01", "--seeds", "0", "--epochs", "400", "--storage", storage,
+           "--grid-name", "orphans", "--jobs", "2", "--no-progress"]
+    command = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    helpers: set[int] = set()
+    try:
+        while time.monotonic() < deadline and not helpers and command.poll() is None:
+            helpers = _pids_of_children(command.pid)
+            time.sleep(0.1)
+        assert helpers, "no helper worker was started"
+        command.send_signal(signal.SIGKILL)  # no handler runs in the command: the kernel tells its helpers
+        command.wait(timeout=30)
+        while time.monotonic() < deadline and any(_alive(p) for p in helpers):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in helpers), "a helper worker outlived its command"
+    finally:
+        for pid in helpers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_two_workers_share_one_postgres_storage_and_run_every_cell_once(postgres_url, tmp_path):
     base = postgres_url.rstrip("/")
     tracking_uri, storage = (base, base) if base.count("/") > 2 else (f"{base}/mlflow", f"{base}/optuna")

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from ltexp import lifecycle
 from ltexp.config import TuneConfig, resolve_config
 from ltexp.lifecycle import pid_alive
-from ltexp.tune import job_threads, run_study
+from ltexp.threads import job_threads
+from ltexp.tune import run_study
 
 pytestmark = pytest.mark.e2e
 
