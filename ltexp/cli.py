@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -392,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report, "dashboard": cmd_dashboard}[args.command](args)
     except LtexpError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except BrokenPipeError:  # `ltexp data | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader left
     except Exception as exc:
         # A tracking server's 401/403 can come from any MLflow call, mid-run too: one line, like
         # an LtexpError (the open run was marked FAILED where the server let it be).

@@ -476,3 +476,12 @@ def test_mlflow_run_and_ltexp_train_share_the_experiment_and_name_runs(subproces
                        "mine": "ltexp", "baseline·digits·exp0.01·e1·s3": "ltexp",
                        "baseline·digits·exp0.01·e1·s4": "other"}
     assert {e.name for e in client.search_experiments()} == {"Default", "lab-study", "ltexp", "other"}
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback(subprocess_env, tmp_path):
+    """`ltexp data | head -1`: the reader closes the pipe before ltexp is done writing."""
+    proc = subprocess.Popen([sys.executable, "-m", "ltexp", "data", "--output-dir", str(tmp_path)], env=subprocess_env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first line: every write of ltexp's meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err
