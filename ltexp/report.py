@@ -82,7 +82,10 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
 
     runs = pd.DataFrame({
         "run_id": raw["run_id"], "run_name": col("tags.mlflow.runName", ""),
-        "dataset": col("tags.ltexp.dataset"), "imb_type": col("tags.ltexp.imb_type"),
+        # The images' name (a pack's source, a folder's name), so runs on a pack and on its
+        # folder are one data set here; runs of older versions carry only ltexp.dataset.
+        "dataset": col("tags.ltexp.data_name", None).astype(object).fillna(col("tags.ltexp.dataset")),
+        "imb_type": col("tags.ltexp.imb_type"),
         "imb_factor": pd.to_numeric(col("tags.ltexp.imb_factor"), errors="coerce"),
         "preset": param("preset", "ltexp").fillna("ltexp"), "method": col("tags.ltexp.method"),
         "seed": pd.to_numeric(col("tags.ltexp.seed"), errors="coerce"),
@@ -166,6 +169,9 @@ def _published(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset) -> pd
     figures beside `--preset paper` runs, the field's beside `--preset field`); the default
     preset `ltexp` is compared with the paper's."""
     protocol = "paper" if preset == "ltexp" else preset
+    # A folder of a published data set's images (e.g. ../shared/data's JPEG copy of CIFAR-10,
+    # `folder:cifar10`) is compared with that data set's figures: README, "Comparing with the literature".
+    dataset = dataset[len("folder:"):] if isinstance(dataset, str) and dataset.startswith("folder:") else dataset
     return paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
                  & np.isclose(paper["imb_factor"], imb_factor) & (paper["protocol"] == protocol)]
 

@@ -77,6 +77,7 @@ def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     tags = {
         "ltexp.method": cfg.method.method,
         "ltexp.dataset": cfg.data.dataset,
+        "ltexp.data_name": cfg.data.short_name,
         "ltexp.imb_type": cfg.data.imb_type,
         "ltexp.imb_factor": str(cfg.data.imb_factor),
         "ltexp.seed": str(cfg.seed),
@@ -91,7 +92,8 @@ def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     packed = pack_path(cfg.data.dataset)
     if packed is not None:  # which images, whatever the file is called or where it lies
         meta = pack_meta(packed)
-        tags.update({"ltexp.pack_sha256": meta["sha256"], "ltexp.pack_source": meta["source"]})
+        tags.update({"ltexp.pack_sha256": meta["sha256"], "ltexp.pack_source": meta["source"],
+                     "ltexp.data_name": meta["name"]})  # the images' name, e.g. folder:cifar10
     return tags
 
 

@@ -105,6 +105,7 @@ def test_training_on_a_pack_gives_the_metrics_of_its_folder(mlflow_store, tmp_pa
     assert {k: pack.data.metrics[k] for k in metrics} == {k: folder.data.metrics[k] for k in metrics}
     assert pack.data.tags["ltexp.pack_sha256"] == pack_meta(out)["sha256"]
     assert pack.data.tags["ltexp.pack_source"] == f"folder:{root}"
+    assert pack.data.tags["ltexp.data_name"] == folder.data.tags["ltexp.data_name"] == "folder:jpeg"
     assert pack.info.run_name.startswith("balanced_softmax·pack:set·")
     assert "image_size" not in pack.data.params  # not used: a pack's images keep their packed size
 

@@ -178,6 +178,19 @@ def test_published_figures_sit_beside_runs_of_their_own_protocol(mlflow_store, t
     assert not [c for c in field.columns if c.startswith("paper")] and not [c for c in paper if c.startswith("field")]
 
 
+def test_runs_on_a_pack_of_the_cifar10_jpegs_are_one_data_set_beside_cifar10s_figures(mlflow_store, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("jpeg")
+    for seed, dataset in enumerate(["pack:/a/c10.ltpack", "folder:/data/cifar10"]):
+        run_id = _run(client, exp, "baseline", dataset, "exp", 0.01, seed,
+                      {"test_acc": 0.70, "test_head_acc": 0.8, "test_tail_acc": 0.6}, {"preset": "field"})
+        client.set_tag(run_id, "ltexp.data_name", "folder:cifar10")  # what tracking.run_tags gives both
+    report = build_report("jpeg", output_dir=tmp_path / "out", log_run=False)
+    (table,) = [f for t, f in report.tables.items() if "Table 2" in t]
+    row = table.set_index("Method").loc["baseline"]
+    assert row["field Accuracy (published)"] == "70.36" and row["n"] == 2  # one row: both runs averaged
+
+
 def test_head_vs_tail_legend_has_one_entry_per_method_data_set_and_the_oracle():
     from ltexp.report import head_vs_tail_figure
 
