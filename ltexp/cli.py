@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ltexp import LtexpError, __version__, redact
 from ltexp.config import (AUTO, DataConfig, LossConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig,
-                          TrackingConfig, TuneConfig, resolve_config)
+                          RUN_PRESETS, TrackingConfig, TuneConfig, resolve_config)
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
             "loss": LossConfig, "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (train, tune):
         sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
                          help="start afresh, ignoring any checkpoint (same as --resume false)")
+    train.add_argument("--preset", default="ltexp", choices=list(RUN_PRESETS),
+                       help="protocol: ltexp (data-set defaults), paper (the paper's Table 1) or field (Cao et "
+                            "al.'s CIFAR-LT: ResNet-32, 200 epochs, warm-up 5, x0.01 at 160 and 180, DRW 161); "
+                            "a setting given on the command line wins (default: ltexp)")
+    for action in train._actions:
+        if "." in action.dest:
+            action.default = argparse.SUPPRESS  # so a preset fills only what the user did not set
 
     runs = commands.add_parser("runs", help="housekeeping of MLflow runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
@@ -205,7 +212,7 @@ def _report_sweep(closed: list[dict]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     sections = _sections(args)
-    cfg = resolve_config(sections, seed=args.seed, device=args.device)
+    cfg = resolve_config(sections, seed=args.seed, device=args.device, preset=args.preset)
     preflight(cfg)
     from ltexp.experiment import run_experiment  # after the checks: a bad setting fails without it
 

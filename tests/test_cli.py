@@ -485,3 +485,18 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback(subprocess_env, tmp_pat
     proc.stdout.close()  # before the first line: every write of ltexp's meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and err == "", err
+
+
+def test_train_preset_fills_what_the_command_line_leaves_unset(mlflow_store, capsys):
+    proc = _ltexp_here(["train", "--preset", "field", "--epochs", "2", "--lr-milestones", "1,2", "--warmup-epochs", "0",
+                        "--drw-epoch", "2", "--method", "ldam_drw", "--model", "smallcnn", "--no-progress"], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _all_runs()
+    params = run.data.params
+    assert params["preset"] == "field"
+    # From the preset: Cao et al.'s optimiser, schedule kind and LDAM margin.
+    assert (params["batch_size"], params["weight_decay"], params["lr_schedule"], params["ldam_max_margin"]) == \
+        ("128", "0.0002", "multistep", "0.5")
+    # From the command line, over the preset: epochs, milestones, warm-up, DRW start, model.
+    assert (params["epochs"], params["lr_milestones"], params["warmup_epochs"], params["drw_epoch"], params["model"]) == \
+        ("2", "1,2", "0", "2", "smallcnn")
