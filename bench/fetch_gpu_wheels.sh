@@ -6,6 +6,9 @@
 #
 #   bash bench/fetch_gpu_wheels.sh            # MLflow 3.17.2 + Optuna 5.0.0 (ltexp's tested versions)
 #   MLFLOW_VERSION=3.18.0 bash bench/fetch_gpu_wheels.sh
+#   LEAN=1 bash bench/fetch_gpu_wheels.sh     # mlflow-skinny + SQLAlchemy/Alembic + Optuna, no plotly:
+#                                             # training and logging to a local sqlite store (bench/field.sh),
+#                                             # small enough to travel beside a packed data set
 #
 # pip resolves the whole dependency tree for the target platform into a scratch folder; only
 # the packages missing from the GPU image (IMAGE_HAS below: its pip list, as far as this tree
@@ -36,8 +39,13 @@ done
 
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
+if [ "${LEAN:-0}" = 1 ]; then
+  WANT=("mlflow-skinny==$MLFLOW_VERSION" "optuna==$OPTUNA_VERSION" sqlalchemy alembic)
+else
+  WANT=("mlflow==$MLFLOW_VERSION" "optuna==$OPTUNA_VERSION" "plotly==$PLOTLY_VERSION")
+fi
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
-  -d "$scratch" "mlflow==$MLFLOW_VERSION" "optuna==$OPTUNA_VERSION" "plotly==$PLOTLY_VERSION" \
+  -d "$scratch" "${WANT[@]}" \
   2> >(grep -v "is ignored: it is neither" >&2)
 
 normalise() { tr 'A-Z_.' 'a-z--'; }
@@ -53,7 +61,7 @@ done
 count=$(ls "$DEST"/*.whl | wc -l)
 kib=$(du -ck "$DEST"/*.whl | tail -1 | cut -f1)
 dupes=$(ls "$DEST" | cut -d- -f1 | normalise | sort | uniq -d)
-echo "$count wheels, $((kib / 1024)) MiB in $DEST/ (mlflow $MLFLOW_VERSION, optuna $OPTUNA_VERSION, plotly $PLOTLY_VERSION)"
+echo "$count wheels, $((kib / 1024)) MiB in $DEST/ (${WANT[*]})"
 if [ -n "$dupes" ]; then
   echo "error: two versions of: $dupes" >&2; exit 1
 fi

@@ -42,24 +42,7 @@ write_cifar_archive(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 100)" "$@"
 }
 
 # --- environment: carried wheels, `python` for MLproject commands, the repository on the path ----
-if ! python3 -c "import mlflow, optuna" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    note "FAIL: mlflow/optuna missing and no .whl/ (run bench/fetch_gpu_wheels.sh, carry .whl)"; exit 1
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { note "FAIL: wheel install"; exit 1; }
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  export PATH="/tmp/site/bin:$PATH"
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-if ! command -v python >/dev/null; then  # MLproject commands call `python`
-  mkdir -p "$WORK/bin" && ln -sf "$(command -v python3)" "$WORK/bin/python" && export PATH="$WORK/bin:$PATH"
-fi
-{
-  nvidia-smi 2>&1 | head -20
-  python3 -c "import sys, torch, mlflow, optuna; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'mlflow', mlflow.__version__, 'optuna', optuna.__version__)"
-} >"$OUT/env.txt" 2>&1
-note "environment: $(tail -1 "$OUT/env.txt")"
+source bench/device_env.sh
 FAILED=0
 
 # --- 1. CUDA tests ---------------------------------------------------------------------------------
