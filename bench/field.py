@@ -155,9 +155,11 @@ def published_field() -> dict[str, float]:
 
 
 def field_check(experiment: str) -> dict:
-    """Per method: mean test accuracy (percent) of FINISHED runs, n, published, difference; gains over CE."""
+    """Per method: mean test accuracy (percent) of FINISHED runs (validation-selected, and of the
+    last epoch), n, published, difference; gains over CE (of the selected models)."""
     by_method: dict[str, list[float]] = {}
     oracle: dict[str, list[float]] = {}
+    last: dict[str, list[float]] = {}  # the last epoch's model, beside the validation-selected one
     for run in finished_runs(experiment):
         key = run.data.tags.get("ltexp.method", "?")
         if key == "split":
@@ -166,6 +168,8 @@ def field_check(experiment: str) -> dict:
                 oracle.setdefault(key, []).append(100 * run.data.metrics["test_oracle_acc"])
         if "test_acc" in run.data.metrics:
             by_method.setdefault(key, []).append(100 * run.data.metrics["test_acc"])
+        if "test_acc__last_epoch" in run.data.metrics:
+            last.setdefault(key, []).append(100 * run.data.metrics["test_acc__last_epoch"])
     published = published_field()
     rows = {}
     for method, values in sorted(by_method.items()):
@@ -176,6 +180,8 @@ def field_check(experiment: str) -> dict:
                         "minus_published": round(mean - published[method], 2) if method in published else None}
         if method in oracle:
             rows[method]["oracle_acc"] = round(statistics.fmean(oracle[method]), 2)
+        if method in last:
+            rows[method]["last_epoch_acc"] = round(statistics.fmean(last[method]), 2)
     ce = rows.get("baseline", {}).get("test_acc")
     gains = {}
     for method in ("balanced_softmax", "ldam_drw", "logit_adjust"):

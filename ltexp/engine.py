@@ -108,6 +108,10 @@ class FitResult:
     seen_per_class: list[list[int]] = field(default_factory=list)
     # What a method's post-hoc step chose on validation after training (e.g. posthoc_tau).
     posthoc: dict = field(default_factory=dict)
+    # The weights of the last epoch (CPU), when the best validation epoch of the last stage was
+    # an earlier one: so a run can report its last-epoch model beside the selected one. Not kept
+    # in caches or checkpoints; None after a run resumed from a finished checkpoint.
+    last_state: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def train_images_per_s(self) -> float:
@@ -180,7 +184,7 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
     history: list[dict] = []
     seen_per_class: list[list[int]] = []
     global_epoch, images_seen, train_time = 0, 0, 0.0
-    best_acc, best_epoch = -1.0, 0
+    best_acc, best_epoch, last_state = -1.0, 0, None
     resumed = checkpoint.restore(model, generator) if checkpoint is not None else None
     if resumed is not None:
         history, seen_per_class = resumed["history"], resumed["seen_per_class"]
@@ -278,6 +282,8 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
                     images_seen=images_seen, train_time=train_time, best_acc=best_acc, best_epoch=best_epoch,
                     history=history, seen_per_class=seen_per_class, stage_best_acc=stage_best_acc,
                     stage_best_state=stage_best_state))
+        if stage_index == len(stages) - 1 and stage_best_state is not None and best_epoch != global_epoch:
+            last_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if stage_best_state is not None:
             model.load_state_dict(stage_best_state)
     _set_trainable(model, TRAIN_NETWORK)
@@ -287,5 +293,6 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
             finished=True, stage_index=len(stages), stage_epoch=0, global_epoch=global_epoch, images_seen=images_seen,
             train_time=train_time, best_acc=best_acc, best_epoch=best_epoch, history=history,
             seen_per_class=seen_per_class, stage_best_acc=-1.0, stage_best_state=None))
-    return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class)
+    return FitResult(best_acc, best_epoch, global_epoch, train_time, images_seen, history, seen_per_class,
+                     last_state=last_state)
 

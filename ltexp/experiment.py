@@ -158,6 +158,7 @@ class ExpertCache:
         return None
 
     def put(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
+        result = dataclasses.replace(result, last_state=None)  # the selected weights are what is shared
         self.entries[key] = (copy.deepcopy(model.state_dict()), result)
         if self.directory is not None:
             lifecycle.save_whole({"state": {k: v.detach().cpu() for k, v in self.entries[key][0].items()},
@@ -481,6 +482,8 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         test_metrics["router_acc"] = route_accuracy(test_outputs, layout, splits.test.labels)
 
     metrics = headline_metrics(results)
+    if len(scorers) == 1 and student is None:  # one model: its last epoch beside the selected one
+        metrics.update(last_epoch_metrics(cfg, method, specs[0], prep, results[0], test_metrics, val_metrics["acc"]))
     if len(specs) > 1:
         test_metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), splits.test.labels, layout)
         oracle = accuracy_metrics(oracle_predict(test_outputs, layout, splits.test.labels), splits.test.labels, data.info)
@@ -525,6 +528,33 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         checkpoint.clear()  # the run is complete: the identical command starts afresh next time
     return ExperimentResult(run.run_id, {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}, table,
                             model_uri, version, chosen, child_ids)
+
+
+def last_epoch_metrics(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", result: FitResult,
+                       selected_test: dict[str, float], selected_val_acc: float) -> dict[str, float]:
+    """The figures of the last epoch's model beside those of the validation-selected one a run
+    reports: `test_acc__last_epoch`, `test_head_acc__last_epoch`, `test_tail_acc__last_epoch`,
+    `val_acc__last_epoch`, the method's post-hoc step chosen on validation for it too. When the
+    last epoch was the selected one they are the selected model's (`selected_*`); none when they
+    are unknown (a run resumed after it had finished keeps only the selected weights)."""
+    splits, info = prep.splits, prep.data.info
+    keys = ("acc", "head_acc", "tail_acc")
+    if result.last_state is None:
+        if not result.history or result.best_epoch != result.history[-1]["epoch"]:
+            return {}
+        test, val_acc = selected_test, selected_val_acc
+    else:
+        model = new_expert_model(cfg, method, spec, prep)
+        model.load_state_dict(result.last_state)
+        model.eval()
+        val = expert_view(splits.val, spec, info.num_classes)
+        method.posthoc(model, predict_logits(model, val.images), val.labels, expert_info(info, spec))
+
+        def scored(images, labels):
+            return classification_metrics(torch.log_softmax(predict_logits(model, images).float(), 1), labels, info)
+
+        test, val_acc = scored(splits.test.images, splits.test.labels), scored(splits.val.images, splits.val.labels)["acc"]
+    return {**{f"test_{k}__last_epoch": test[k] for k in keys}, "val_acc__last_epoch": val_acc}
 
 
 def headline_metrics(results: list[FitResult]) -> dict[str, float]:

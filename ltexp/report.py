@@ -43,6 +43,10 @@ KEYS = ("dataset", "imb_type", "imb_factor", "preset", "method", "variant")
 NOT_VARIANT = {"seed", "data_dir", "dataset", "imb_type", "imb_factor", "method", "preset"}
 HONEST = "honest"
 ORACLE = "oracle (true group: upper bound)"
+# A single model's last epoch, beside the validation-selected model every other row reports
+# (the anchors pick the best test epoch instead; ltexp never looks at the test set to choose).
+LAST = "last epoch (no selection)"
+LAST_SUFFIX = "__last_epoch"
 
 
 def _quote_keys(text: str) -> str:
@@ -91,7 +95,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
         "seed": pd.to_numeric(col("tags.ltexp.seed"), errors="coerce"),
         "grid": col("tags.ltexp.grid", ""),
     })
-    for metric in [m for m in raw.columns if m.startswith("metrics.test_") and "__" not in m]:
+    for metric in [m for m in raw.columns if m.startswith("metrics.test_") and ("__" not in m or m.endswith(LAST_SUFFIX))]:
         runs[metric[len("metrics."):]] = pd.to_numeric(raw[metric], errors="coerce")
     for metric in ("metrics.train_time_s",):
         if metric in raw:
@@ -130,18 +134,21 @@ def fmt(mean: float, std: float, n: int | None = None, scale: float = 100.0) -> 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Long table: one row per (setting, method, variant, evaluation) with mean/std/n of acc,
     head_acc, tail_acc and many/medium/few_acc over the group's runs. Methods with an oracle
-    metric get a second row, evaluation = oracle, from test_oracle_*."""
+    metric get a second row, evaluation = oracle, from test_oracle_*; single models that logged
+    their last epoch's figures one more, evaluation = last epoch, from test_*__last_epoch."""
     rows = []
     for key, group in runs.groupby(list(KEYS), dropna=False, sort=True):
         base = dict(zip(KEYS, key))
-        evaluations = [(HONEST, "test_")]
+        evaluations = [(HONEST, "test_", "")]
         if "test_oracle_acc" in group and group["test_oracle_acc"].notna().any():
-            evaluations.append((ORACLE, "test_oracle_"))
-        for evaluation, prefix in evaluations:
+            evaluations.append((ORACLE, "test_oracle_", ""))
+        if f"test_acc{LAST_SUFFIX}" in group and group[f"test_acc{LAST_SUFFIX}"].notna().any():
+            evaluations.append((LAST, "test_", LAST_SUFFIX))
+        for evaluation, prefix, suffix in evaluations:
             row = {**base, "evaluation": evaluation, "n": 0, "seeds": ",".join(str(int(s)) for s in
                                                                                sorted(group["seed"].dropna()))}
             for metric in ("acc", "head_acc", "tail_acc", *(f"{s}_acc" for s in SHOTS)):
-                column = prefix + metric  # no oracle many/medium/few: those stay NaN for the oracle row
+                column = prefix + metric + suffix  # no oracle or last-epoch many/medium/few: NaN there
                 mean, std, n = _mean_std(group[column]) if column in group else (np.nan, np.nan, 0)
                 row.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_n": n})
                 row["n"] = max(row["n"], n)
@@ -204,13 +211,15 @@ def method_label(row, has_oracle: bool) -> str:
 
 
 def _has_oracle(summary: pd.DataFrame, method: str) -> bool:
-    return bool(((summary["method"] == method) & (summary["evaluation"] != HONEST)).any())
+    return bool(((summary["method"] == method) & (summary["evaluation"] == ORACLE)).any())
 
 
 def _shows_paper(summary: pd.DataFrame, method: str, evaluation: str) -> bool:
     """The paper's figure sits on the row measured the way the paper measured it: the oracle row
     of an expert method, the only row of any other method."""
-    return evaluation != HONEST if _has_oracle(summary, method) else True
+    if evaluation == LAST:
+        return False
+    return evaluation == ORACLE if _has_oracle(summary, method) else True
 
 
 def table2(summary: pd.DataFrame, paper: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -446,7 +455,8 @@ NOTES = (
     "ltexp/paper_results.csv, beside runs of --preset paper (and of the default preset, whose protocol differs).",
     "Field columns: the field's published figures (ResNet-32, 200 epochs, CIFAR-10-LT imbalance 100), each with its "
     "source in ltexp/field_results.csv, beside runs of --preset field. The anchors' scripts report the best test "
-    "epoch; ltexp reports the final model, selected on validation drawn from training images.",
+    "epoch; ltexp reports the model of the epoch chosen on validation drawn from training images, and for a "
+    "single model also its last epoch's ('last epoch (no selection)' rows); neither looks at the test set.",
 )
 
 

@@ -40,12 +40,15 @@ def test_field_check_compares_finished_runs_with_the_published_figures_and_gains
                                 ("split", 0.75, "FINISHED")):
         run = client.create_run(exp, tags={"ltexp.role": "experiment", "ltexp.method": method})
         client.log_metric(run.info.run_id, "test_acc", acc)
+        if method == "baseline":
+            client.log_metric(run.info.run_id, "test_acc__last_epoch", acc - 0.02)
         if method == "split":
             client.log_metric(run.info.run_id, "test_oracle_acc", 0.90)
         client.set_terminated(run.info.run_id, status)
     check = field.field_check("field")
     assert check["methods"]["baseline"]["n"] == 2 and check["methods"]["baseline"]["test_acc"] == pytest.approx(71.0)
     assert check["methods"]["baseline"]["minus_published"] == pytest.approx(0.64)
+    assert check["methods"]["baseline"]["last_epoch_acc"] == pytest.approx(69.0)
     assert "ldam_drw" not in check["methods"]  # FAILED runs do not count
     assert check["methods"]["split_student"]["oracle_acc"] == pytest.approx(90.0)
     gain = check["gains"]["balanced_softmax"]

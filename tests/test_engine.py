@@ -239,3 +239,24 @@ def test_each_compiled_model_is_compiled_afresh(monkeypatch):
         model = build_model("smallcnn", (8, 8, 1), outputs, [8.0], [4.0])
         assert engine.compile_step(model, "default")(images).shape == (4, outputs)
     assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_the_last_epochs_weights_come_back_beside_the_selected_ones(digits):
+    """Validation on the head class alone: early epochs, predicting it for most images, score
+    best, so the selected epoch is an early one and the last epoch's weights differ from it."""
+    model, train, _ = _setup(digits)
+    head = digits.val_labels == 0
+    val = DeviceImages.from_numpy(digits.val_images[head], digits.val_labels[head], "cpu")
+    last_seen = {}
+
+    def keep_weights(record):  # called after each epoch's training, before any restore
+        last_seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    result = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=8, on_epoch=keep_weights)
+    assert result.best_epoch < 8 and result.last_state is not None
+    assert all(torch.equal(result.last_state[k], last_seen[k]) for k in last_seen)  # the last epoch's
+    assert not all(torch.equal(v, last_seen[k]) for k, v in model.state_dict().items())  # the model: the best's
+    # When the last epoch is the best one there is nothing else to report.
+    model, train, val = _setup(digits)
+    result = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=1)
+    assert result.best_epoch == 1 and result.last_state is None

@@ -10,7 +10,7 @@ from ltexp.config import resolve_config
 from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages
 from ltexp.data.sources import load_digits_source
-from ltexp.engine import FitResult
+from ltexp.engine import FitResult, predict_logits
 from ltexp.experiment import ExpertCache, build_experts, expert_info, expert_view, teacher_targets
 from ltexp.losses import BalancedSoftmax, Distilled
 from ltexp.methods import ROUTER, STUDENT
@@ -254,3 +254,35 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_in_one_line(subproces
     client = MlflowClient()
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
     assert run.info.status == "FAILED" and run.data.tags["ltexp.error"] == last[len("ltexp: error: "):]
+
+
+def test_a_run_reports_its_last_epochs_model_beside_the_selected_one(mlflow_store):
+    """`last_epoch_metrics` scores the last epoch's weights on validation and test, the method's
+    post-hoc step chosen for them too; here the "last epoch" is an untrained model, so its
+    figures are those of that model, not the trained run's."""
+    import dataclasses
+
+    from ltexp.experiment import last_epoch_metrics, new_expert_model, prepare, train_expert
+    from ltexp.metrics import classification_metrics
+
+    cfg = resolve_config({"optim": {"epochs": 3}, "method": {"method": "tau_norm"}})
+    prep = prepare(cfg)
+    method, specs, _ = build_experts(cfg, prep.data.info)
+    model, result, _ = train_expert(cfg, method, specs[0], prep, None, False)
+    untrained = new_expert_model(cfg, method, specs[0], prep)
+    last = dataclasses.replace(result, last_state={k: v.clone() for k, v in untrained.state_dict().items()})
+    figures = last_epoch_metrics(cfg, method, specs[0], prep, last, {}, 0.0)
+
+    untrained.eval()
+    val = prep.splits.val
+    method.posthoc(untrained, predict_logits(untrained, val.images), val.labels, prep.data.info)
+    expected = classification_metrics(torch.log_softmax(predict_logits(untrained, prep.splits.test.images), 1),
+                                      prep.splits.test.labels, prep.data.info)
+    assert figures["test_acc__last_epoch"] == pytest.approx(expected["acc"])
+    assert figures["test_tail_acc__last_epoch"] == pytest.approx(expected["tail_acc"])
+    # The last epoch was the selected one: the selected model's figures, as given.
+    same = dataclasses.replace(result, last_state=None,
+                               history=[*result.history[:-1], {**result.history[-1], "epoch": result.best_epoch}])
+    assert last_epoch_metrics(cfg, method, specs[0], prep, same, {"acc": 0.5, "head_acc": 0.7, "tail_acc": 0.3},
+                              0.6) == {"test_acc__last_epoch": 0.5, "test_head_acc__last_epoch": 0.7,
+                                       "test_tail_acc__last_epoch": 0.3, "val_acc__last_epoch": 0.6}

@@ -203,3 +203,20 @@ def test_head_vs_tail_legend_has_one_entry_per_method_data_set_and_the_oracle():
     assert labels == ["baseline", "lws", "resample", "split", "cifar10 exp 0.1", "cifar10 exp 0.01",
                       "cifar10 step 0.1", "cifar10 step 0.01", "hollow: oracle routing (upper bound)"]
     assert len(fig.axes[0].collections) == 4 * 4 + 4  # every run drawn, and split's oracle points too
+
+
+def test_a_single_models_last_epoch_is_its_own_row_without_the_published_figure(mlflow_store, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("last")
+    for seed, (selected, last) in enumerate([(0.70, 0.66), (0.72, 0.70)]):
+        _run(client, exp, "baseline", "cifar10", "exp", 0.01, seed,
+             {"test_acc": selected, "test_head_acc": 0.8, "test_tail_acc": 0.6, "test_acc__last_epoch": last,
+              "test_head_acc__last_epoch": 0.9, "test_tail_acc__last_epoch": 0.5}, {"preset": "field"})
+    report = build_report("last", output_dir=tmp_path / "out", log_run=False)
+    (table,) = [f for t, f in report.tables.items() if "Table 2" in t]
+    rows = table.set_index("Method")
+    assert rows.loc["baseline", "Accuracy"] == "71.00 ± 1.41"
+    assert rows.loc["baseline — last epoch (no selection)", "Accuracy"] == "68.00 ± 2.83"
+    assert rows.loc["baseline — last epoch (no selection)", "Tail"] == "50.00 ± 0.00"
+    assert rows.loc["baseline", "field Accuracy (published)"] == "70.36"
+    assert rows.loc["baseline — last epoch (no selection)", "field Accuracy (published)"] == "–"
