@@ -195,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight(cfg) -> None:
     """What can fail without training fails now, in one line: device, registry name, store; then
     the experiment's runs left RUNNING by dead processes are closed."""
-    from ltexp import lifecycle, tracking
+    from ltexp import tracking
     from ltexp.engine import resolve_device
 
     resolve_device(cfg.device)
     if cfg.tracking.register_as:
         tracking.validate_registered_name(cfg.tracking.register_as, cfg.tracking.alias)
     tracking.check_store()
-    _report_sweep(lifecycle.sweep(tracking.own_experiment_ids(cfg)))
+    _report_sweep(tracking.sweep(tracking.own_experiment_ids(cfg)))
 
 
 def _report_sweep(closed: list[dict]) -> None:
@@ -263,14 +263,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from ltexp import lifecycle, tracking
+    from ltexp import tracking
+    from ltexp.durations import parse_duration
 
-    older_than = lifecycle.parse_duration(args.older_than)
+    older_than = parse_duration(args.older_than)
     uri = tracking.check_store()
     ids = tracking.experiment_ids(args.experiment)
     if args.experiment and not ids:
         raise LtexpError(f"no experiment named {', '.join(args.experiment)} in {uri}")
-    closed = lifecycle.sweep(ids, older_than)
+    closed = tracking.sweep(ids, older_than)
     for run in closed:
         print(f"closed {run['run_id']} ({run['run_name']}, experiment {run['experiment_id']}): {run['reason']}")
     print(f"swept {len(ids)} experiment(s) in {redact(uri)}: {len(closed)} stale run(s) closed as KILLED")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ltexp import LtexpError
 from ltexp.concurrency import EXPERT_CONCURRENCY, SEQUENTIAL
 from ltexp.data.device import AUGMENTS
+from ltexp.durations import Every
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import DATASETS
 from ltexp.engine import COMPILE_MODES, COMPILE_NONE, DEVICES
@@ -366,8 +367,6 @@ class TrackingConfig:
                                  "--no-resume = false)", when=_never)
 
     def __post_init__(self) -> None:
-        from ltexp.lifecycle import Every  # late: lifecycle imports torch
-
         _check_section(self)
         Every.parse(self.checkpoint_every)
 

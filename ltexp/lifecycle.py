@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -35,6 +34,7 @@ import torch
 import ltexp
 from ltexp import LtexpError
 from ltexp.concurrency import GLOBAL_RNG
+from ltexp.durations import Every
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes; older files are ignored
 
@@ -65,43 +65,6 @@ def writable_cache_dir(*parts: str) -> Path:
 
 def checkpoint_dir() -> Path:
     return cache_dir() / "checkpoints"
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*$")
-
-
-def parse_duration(text: str, flag: str = "--older-than") -> float:
-    """`90`, `90s`, `15m`, `2h` -> seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise LtexpError(f"{flag} {text!r} is not a duration: use e.g. 900, 900s, 15m or 2h")
-    unit = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600}[match.group(2)]
-    return float(match.group(1)) * unit
-
-
-@dataclass(frozen=True)
-class Every:
-    """How often to checkpoint: every `epochs` epochs, or every `seconds` of wall time (0 = never)."""
-
-    epochs: int = 0
-    seconds: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str) -> "Every":
-        """`5` = every 5 epochs, `10m` / `30s` / `1h` = at the first epoch end after that much time, `0` = off."""
-        text = str(text).strip()
-        if re.fullmatch(r"\d+", text):
-            return cls(epochs=int(text))
-        if text.endswith(("s", "m", "h", "min")):
-            try:
-                return cls(seconds=parse_duration(text, "--checkpoint-every"))
-            except LtexpError:
-                pass
-        raise LtexpError(f"--checkpoint-every {text!r}: give epochs (e.g. 5), a time (e.g. 10m, 30s) or 0 (off)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.epochs > 0 or self.seconds > 0
 
 
 class Cadence:
@@ -487,18 +450,3 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def sweep(experiment_ids: list[str], older_than_s: float = 900.0) -> list[dict]:
-    """Close RUNNING runs of `experiment_ids` whose process died (KILLED, reason in `ltexp.error`);
-    return what was closed (run_id, run_name, experiment_id, reason, ...)."""
-    from ltexp import tracking
-
-    closed = []
-    for run in tracking.running_runs(experiment_ids):
-        reason = stale_reason(run["tags"], run["start_time_s"], older_than_s)
-        if reason is None:
-            continue
-        tracking.close_run(run["run_id"], "KILLED", f"closed by sweep: {reason}")
-        closed.append({**run, "reason": reason})
-    return closed

@@ -22,8 +22,7 @@ from ltexp.fusion import applicable_rules
 from ltexp.losses import BalancedSoftmax as BalancedSoftmaxLoss, Distilled, Loss, build_loss, head_for
 from ltexp.schedules import Schedule, parse_milestones
 
-if TYPE_CHECKING:  # config imports this module for its choice lists
-    from ltexp.config import RunConfig
+if TYPE_CHECKING:
     from ltexp.models import Classifier
 
 # Which parameters a stage updates.
@@ -88,8 +87,8 @@ class Baseline:
     name = "baseline"
     fixed_loss: str | None = None  # a method defined by its loss trains with that loss only
 
-    def __init__(self, cfg: "RunConfig"):
-        self.cfg = cfg
+    def __init__(self, cfg):
+        self.cfg = cfg  # the run's `ltexp.config.RunConfig` (not imported: config imports this module)
 
     @property
     def head(self) -> str:
@@ -308,6 +307,6 @@ METHODS = {m.name: m for m in (Baseline, Resample, LWS, Split, BalancedSoftmax, 
                                LogitAdjustPosthoc, TauNorm, CRT)}
 
 
-def build_method(cfg: "RunConfig"):
-    """The method object named by `cfg.method.method`."""
+def build_method(cfg):
+    """The method object named by `cfg.method.method` (`cfg`: a `ltexp.config.RunConfig`)."""
     return METHODS[cfg.method.method](cfg)

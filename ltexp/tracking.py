@@ -1167,3 +1167,18 @@ def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, st
         mlflow.set_tags({"ltexp.role": role, "ltexp.version": ltexp.__version__, **tags,
                          **({"ltexp.git_commit": commit} if commit else {})})
         yield run
+
+
+def sweep(experiment_ids: list[str], older_than_s: float = 900.0) -> list[dict]:
+    """Close RUNNING runs of `experiment_ids` whose process died (KILLED, reason in `ltexp.error`);
+    return what was closed (run_id, run_name, experiment_id, reason, ...)."""
+    from ltexp.lifecycle import stale_reason
+
+    closed = []
+    for run in running_runs(experiment_ids):
+        reason = stale_reason(run["tags"], run["start_time_s"], older_than_s)
+        if reason is None:
+            continue
+        close_run(run["run_id"], "KILLED", f"closed by sweep: {reason}")
+        closed.append({**run, "reason": reason})
+    return closed

@@ -206,12 +206,7 @@ def test_fit_resumes_bit_identical_across_a_stage_boundary(tmp_path, monkeypatch
     assert ckpt.resumed_epoch == 0 and [r["epoch"] for r in seen] == list(range(1, 8))
 
 
-def test_checkpoint_every_parses_epochs_and_time():
-    assert lifecycle.Every.parse("3") == lifecycle.Every(epochs=3)
-    assert lifecycle.Every.parse("10m") == lifecycle.Every(seconds=600.0)
-    assert not lifecycle.Every.parse("0").enabled
-    with pytest.raises(lifecycle.LtexpError, match="--checkpoint-every 'often'"):
-        lifecycle.Every.parse("often")
+def test_a_cadence_decides_once_per_epoch():
     cadence = lifecycle.Cadence(lifecycle.Every(epochs=2))
     assert [cadence.due(e) for e in (1, 2, 3, 4)] == [False, True, False, True]
     timed = lifecycle.Cadence(lifecycle.Every(seconds=0.2))
