@@ -1,6 +1,6 @@
 #!/bin/sh
 # Start the team's MLflow tracking server with basic auth, every secret taken from the environment.
-# docker-compose.yml's `mlflow` service runs this script, and so do the native setup (README,
+# docker-compose.yml's `mlflow` service runs this script, and so do the native setup (docs/team.md,
 # "Team setup") and tests/test_team_service.py, so all three start the same server.
 #
 # Environment (required):

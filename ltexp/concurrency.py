@@ -5,7 +5,7 @@ share torch's intra-op threads equally, and an expert that ends hands its share 
 (a tail expert, with few images, ends long before the head expert). On CUDA each thread issues
 its work on its own stream, so both experts' kernels can share the GPU.
 
-The default is `sequential`: measured on a 2-core CPU and on one H200 (README, "Experts at once";
+The default is `sequential`: measured on a 2-core CPU and on one H200 (docs/gpu.md, "Experts at once";
 bench/results/2026-11-28-h200-*), a real split's experts at once were not faster than one after
 the other. A real split is unequal (the head expert holds most images, so the pair ends when it
 does), and on a GPU each step is bound by the host launching kernels, which two threads share.

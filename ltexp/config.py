@@ -187,7 +187,7 @@ class OptimConfig:
     clip_norm: float = setting(0.0, "clip the gradient's global L2 norm to this, 0 = off (auto: 5 for split, as "
                                     "the paper; else 0)", auto=True)
     compile: str = setting(COMPILE_NONE, "torch.compile the training step: none, default, or reduce-overhead "
-                                         "(CUDA graphs; on a GPU the fast one at batch 128, see README 'GPU'). "
+                                         "(CUDA graphs; on a GPU the fast one at batch 128, see docs/gpu.md). "
                                          "Compiling costs time before the first step (bench/results); a stage "
                                          "that changes what trains compiles again", choices=COMPILE_MODES)
 

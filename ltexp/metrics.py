@@ -1,6 +1,6 @@
 """Metrics on logits: accuracy overall / head / tail / many / medium / few, macro, ECE, NLL.
 
-Names are those README.md's "What a run records" lists (the caller adds the `val_` / `test_` prefix). A slice with no images
+Names are those docs/records.md's "What a run records" lists (the caller adds the `val_` / `test_` prefix). A slice with no images
 (e.g. no many-shot class in a small data set) gives NaN, and callers skip NaN when logging.
 """
 

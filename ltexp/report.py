@@ -177,7 +177,7 @@ def _published(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset) -> pd
     preset `ltexp` is compared with the paper's."""
     protocol = "paper" if preset == "ltexp" else preset
     # A folder of a published data set's images (e.g. ../shared/data's JPEG copy of CIFAR-10,
-    # `folder:cifar10`) is compared with that data set's figures: README, "Comparing with the literature".
+    # `folder:cifar10`) is compared with that data set's figures (docs/grid-report.md).
     dataset = dataset[len("folder:"):] if isinstance(dataset, str) and dataset.startswith("folder:") else dataset
     return paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
                  & np.isclose(paper["imb_factor"], imb_factor) & (paper["protocol"] == protocol)]

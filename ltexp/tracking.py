@@ -73,7 +73,7 @@ def git_commit() -> str | None:
 
 
 def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
-    """The tags every run carries (README.md, "What a run records")."""
+    """The tags every run carries (docs/records.md, "What a run records")."""
     tags = {
         "ltexp.method": cfg.method.method,
         "ltexp.dataset": cfg.data.dataset,

@@ -550,7 +550,7 @@ def frozen_heap():
     For a study's trials: importing torch, MLflow, Optuna and SQLAlchemy leaves hundreds of
     thousands of tracked objects that never die, and every full collection walks them all, several
     times per study at random points of its trials. Inside the block a full collection walks only
-    the objects made since (its effect on the bookkeeping per trial: README, "Tuning bookkeeping").
+    the objects made since (its effect on the bookkeeping per trial: docs/gpu.md, "Tuning bookkeeping").
     The young generations are collected first, so little garbage is frozen; what is, is collected
     after."""
     gc.collect(1)

@@ -504,7 +504,7 @@ def test_dockerfile_installs_the_package_the_tests_use():
 
 
 def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack, users):
-    """README's housekeeping: a deleted run stays until `mlflow gc` runs server-side."""
+    """docs/team.md's housekeeping: a deleted run stays until `mlflow gc` runs server-side."""
     editor = users["editor"]
     run = _api(stack, "POST", "2.0/mlflow/runs/create", editor, json={"experiment_id": users["experiment_id"]})
     run_id = run.json()["run"]["info"]["run_id"]
@@ -517,7 +517,7 @@ def test_mlflow_gc_removes_a_deleted_run_and_its_artifacts_from_the_bucket(stack
     admin = (stack.admin_username, stack.admin_password)
     assert _api(stack, "POST", "2.0/mlflow/runs/delete", admin, json={"run_id": run_id}).status_code == 200
     assert any(run_id in k for k in _bucket_keys(stack))  # deleting only marks the run
-    # Server-side, as README says: the database URL, and the server itself (with the admin's login)
+    # Server-side, as docs/team.md says: the database URL, and the server itself (with the admin's login)
     # for the artifacts, which are `mlflow-artifacts:/` URIs resolved through its proxy.
     env = dict(os.environ, MLFLOW_TRACKING_URI=stack.tracking_uri, MLFLOW_TRACKING_USERNAME=stack.admin_username,
                MLFLOW_TRACKING_PASSWORD=stack.admin_password)
