@@ -98,7 +98,8 @@ def _loss_option(name: str):
 class DataConfig:
     """Which images, how they are made long-tailed, and how validation is carved out."""
 
-    dataset: str = setting("digits", "digits (embedded default), cifar10, cifar100, folder:<path> or "
+    dataset: str = setting("digits", "digits (embedded default), cifar10, cifar100, folder:<path>, "
+                                     "list:<root>:<train.txt>,<test.txt> (split files of '<path> <label>' lines) or "
                                      "pack:<file> (made by ltexp data --pack)")
     data_dir: str = setting("data", "folder holding (or receiving) the CIFAR archives", when=_is_cifar)
     imb_type: str = setting("exp", "long-tail profile: exp or step", choices=IMB_TYPES)
@@ -117,11 +118,13 @@ class DataConfig:
                                 "every --seed trains on the same images)")
 
     def __post_init__(self) -> None:
-        if not (self.dataset in DATASETS or self.dataset.startswith(("folder:", "pack:"))):
+        if not (self.dataset in DATASETS or self.dataset.startswith(("folder:", "list:", "pack:"))):
             raise LtexpError(
-                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)}, folder:<path> or pack:<file>"
+                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)}, folder:<path>, "
+                f"list:<root>:<train.txt>,<test.txt> or pack:<file>"
             )
-        for prefix, example in (("folder:", "folder:/data/my_images"), ("pack:", "pack:cifar10-lt.ltpack")):
+        for prefix, example in (("folder:", "folder:/data/my_images"), ("pack:", "pack:cifar10-lt.ltpack"),
+                                ("list:", "list:/data/ImageNet_LT:ImageNet_LT_train.txt,ImageNet_LT_test.txt")):
             if self.dataset == prefix:
                 raise LtexpError(f"--dataset {prefix} needs a path, e.g. {example}")
         _check_section(self)
@@ -136,6 +139,8 @@ class DataConfig:
     def short_name(self) -> str:
         """The data set in a few characters, for run and model names: `cifar10`, `folder:<folder
         name>` (not its whole path), `pack:<file name without suffix>`."""
+        if self.dataset.startswith("list:"):  # list:<root>:<files>: the root's name
+            return "list:" + PurePath(self.dataset[len("list:"):].rpartition(":")[0]).name
         for prefix in ("folder:", "pack:"):
             if self.dataset.startswith(prefix):
                 path = PurePath(self.dataset[len(prefix):])
@@ -150,7 +155,7 @@ class DataConfig:
             return "cifar"
         if self.dataset.startswith("pack:"):
             return "pack"
-        return "folder" if self.dataset.startswith("folder:") else "digits"
+        return "folder" if self.dataset.startswith(("folder:", "list:")) else "digits"
 
 
 @dataclass(frozen=True)

@@ -89,11 +89,16 @@ def default_model_name(dataset: str) -> str:
     """The registered-model name when --model-name is empty: `ltexp-<dataset>`, and for a folder
     data set `ltexp-folder-<folder name>`, for a pack `ltexp-pack-<file name without suffix>`
     (MLflow refuses '/' and ':' in a name)."""
+    if dataset.startswith("list:"):  # list:<root>:<split files>: named by its root folder
+        dataset = "folder:" + dataset[len("list:"):].rpartition(":")[0]
+        prefix_name = "list"
+    else:
+        prefix_name = None
     for prefix in ("folder:", "pack:"):
         if dataset.startswith(prefix):
             path = Path(dataset[len(prefix):]).expanduser().resolve()
             name = path.stem if prefix == "pack:" else path.name
-            dataset = prefix[:-1] + "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+            dataset = (prefix_name or prefix[:-1]) + "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     return f"ltexp-{dataset}"
 
 

@@ -23,7 +23,7 @@ def test_flatten_uses_flag_names():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: DataConfig(dataset="mnist"), "unknown --dataset 'mnist': allowed are digits, cifar10, cifar100, folder:<path> or pack:<file>"),
+    (lambda: DataConfig(dataset="mnist"), "unknown --dataset 'mnist': allowed are digits, cifar10, cifar100, folder:<path>, list:<root>:<train.txt>,<test.txt> or pack:<file>"),
     (lambda: DataConfig(imb_factor=0), r"--imb-factor 0 is outside \(0, 1\]"),
     (lambda: DataConfig(imb_factor=1.5), r"--imb-factor 1.5 is outside \(0, 1\]"),
     (lambda: DataConfig(imb_type="linear"), "unknown --imb-type 'linear': allowed are exp, step"),

@@ -4,6 +4,8 @@
 - `cifar10` / `cifar100`: the official python archives (torchvision's layout), downloaded with
   torchvision's utilities when absent and online.
 - `folder:<path>`: `<path>/train/<class>/*.png|jpg` and `<path>/test/<class>/*`.
+- `list:<root>:<train.txt>,<test.txt>`: images under `root` named by split files of
+  `relative/path label` lines (the published ImageNet-LT / Places-LT / iNaturalist 2018 format).
 
 A packed data set (`pack:<file>`, ltexp.data.pack) is already long-tailed: it is no source.
 """
@@ -296,7 +298,70 @@ def load_folder_source(path: str | Path, image_size: int) -> ImageSource:
                        balanced=False, train_files=train_files, test_files=test_files)
 
 
-# Named data sets; any other dataset is "folder:<path>" (an image-folder tree).
+def _read_list_file(root: Path, listing: Path, image_size: int):
+    """Images and labels of one split file (`relative/path label` per line, the format of the
+    published ImageNet-LT, Places-LT and iNaturalist 2018 splits), checked line by line."""
+    from ltexp.images import decode_image
+
+    if not listing.is_file():
+        raise LtexpError(f"split file {listing} does not exist")
+    images, labels, paths = [], [], []
+    with open(listing, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise LtexpError(f"{listing} line {number}: expected '<relative path> <label>', got {line.strip()!r}")
+            label = int(parts[1])
+            if label < 0:
+                raise LtexpError(f"{listing} line {number}: label {label} is negative; labels are 0, 1, 2, ...")
+            path = root / parts[0]
+            if not path.is_file():
+                raise LtexpError(f"{listing} line {number}: image {path} does not exist")
+            images.append(decode_image(path, f"image {path} ({listing} line {number})", "RGB", (image_size, image_size)))
+            labels.append(label)
+            paths.append(str(path))
+    if not images:
+        raise LtexpError(f"split file {listing} lists no images")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), tuple(paths)
+
+
+def load_list_source(spec: str, image_size: int) -> ImageSource:
+    """`<root>:<train.txt>,<test.txt>`: images under `root` listed by split files (paths relative
+    to `root`, or absolute), labels 0..K-1; class k is named `k`."""
+    root_text, _, files = spec.rpartition(":")
+    names = [f for f in files.split(",") if f]
+    if not root_text or len(names) != 2:
+        raise LtexpError(f"--dataset list:{spec}: give list:<root>:<train.txt>,<test.txt> (split files as "
+                         f"'<relative path> <label>' lines)")
+    root = Path(root_text).expanduser()
+    if not root.is_dir():
+        raise LtexpError(f"--dataset list:{spec}: image root {root} does not exist")
+    train_list, test_list = (root / n if not Path(n).is_absolute() else Path(n) for n in names)
+    train_images, train_labels, train_files = _read_list_file(root, train_list, image_size)
+    test_images, test_labels, test_files = _read_list_file(root, test_list, image_size)
+    k = int(train_labels.max()) + 1
+    if test_labels.max() >= k:
+        line = int(np.argmax(test_labels >= k))
+        raise LtexpError(f"{test_list}: label {int(test_labels[line])} (image {test_files[line]}) is not a label of "
+                         f"{train_list}, whose labels are 0..{k - 1}")
+    counts = np.bincount(train_labels, minlength=k)
+    if (counts == 0).any():
+        empty = np.flatnonzero(counts == 0)
+        raise LtexpError(f"{train_list}: class {int(empty[0])} has no training images (labels must be 0..{k - 1} "
+                         f"without gaps; {len(empty)} are empty)")
+    if k < 2:
+        raise LtexpError(f"{train_list} has only one class: a classifier needs at least 2")
+    untested = np.flatnonzero(np.bincount(test_labels, minlength=k) == 0)
+    if len(untested):
+        raise LtexpError(f"{test_list}: class {int(untested[0])} has no test images; every class needs test images "
+                         f"to be evaluated ({len(untested)} lack them)")
+    return ImageSource(f"list:{root}", train_images, train_labels, test_images, test_labels,
+                       tuple(str(c) for c in range(k)), balanced=False, train_files=train_files, test_files=test_files)
+
+
+# Named data sets; any other dataset is "folder:<path>" (an image-folder tree) or "list:<root>:<files>".
 DATASETS = ("digits", *CIFAR)
 
 
@@ -308,4 +373,7 @@ def load_source(dataset: str, data_dir: str = "data", image_size: int = 32, down
         return load_cifar_source(dataset, data_dir, download)
     if dataset.startswith("folder:"):
         return load_folder_source(dataset[len("folder:"):], image_size)
-    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100, folder:<path> or pack:<file>")
+    if dataset.startswith("list:"):
+        return load_list_source(dataset[len("list:"):], image_size)
+    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100, folder:<path>, "
+                     f"list:<root>:<train.txt>,<test.txt> or pack:<file>")
