@@ -674,11 +674,12 @@ def fail_existing_run(reason: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
-def register_model(run_id: str, name: str, alias: str = "candidate") -> int:
+def register_model(run_id: str, name: str, alias: str = "candidate", extra: dict[str, str] | None = None) -> int:
     """Register the run's pyfunc model as a new version of `name` and point `alias` at it.
 
-    The version is tagged with the run's data set, method and test metrics. Aliases only; the
-    deprecated stages are never used. Returns the version number.
+    The version is tagged with the run's data set, method and test metrics, and `extra`, all in
+    the request that creates it. Aliases only; the deprecated stages are never used. Returns the
+    version number.
     """
     from ltexp import LtexpError
 
@@ -693,7 +694,7 @@ def register_model(run_id: str, name: str, alias: str = "candidate") -> int:
     tags = {k: v for k, v in run.data.tags.items() if k.startswith("ltexp.") and k not in (MODEL_URI_TAG, ERROR_TAG)}
     tags.update({f"ltexp.{k}": f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test_")})
     tags["ltexp.run_id"] = run_id
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    version = mlflow.register_model(model_uri, name, tags={**tags, **(extra or {})})
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
@@ -728,28 +729,43 @@ def _validation_figure(client: MlflowClient, version, metric: str, data_key: str
     return float(run.data.metrics[metric])
 
 
+def _ranks_above(figure: float, version: int, value: float, mine: int) -> bool:
+    """Whether a version with `figure` ranks above this one (`value`, version `mine`): a higher
+    figure, or the same figure registered earlier, so that two workers of one study registering
+    the same best trial at once agree on one of them."""
+    return figure > value or (figure == value and version < mine)
+
+
 def register_and_promote(run_id: str, name: str, metric: str, value: float, data_key: str) -> tuple[int, bool, str]:
     """Register the run's model as `candidate`; make it `champion` only if it beats the champion.
 
     The champion is beaten when it was chosen on the same data configuration (`data_key`) and
     the same validation metric, and the new value is strictly higher; the old champion then
     becomes `previous`. With no champion yet, the new version becomes champion only if no
-    existing version has an equal or better figure on the same data and metric (one registered
-    by hand included). Moving `candidate` from a version that tuning did not put there is said.
-    The comparison and the decision are tags on the new version and the returned line.
+    existing version ranks above it on the same data and metric (a higher figure, or the same
+    figure registered earlier; one registered by hand included). Moving `candidate` from a
+    version that tuning did not put there is said. The comparison and the decision are tags on
+    the new version and the returned line.
+
+    Workers of one team finish at once and decide at once: a version crowned by a worker that
+    could not yet see a better one, registered beside it, hands `champion` to the better one
+    (`_settle_champion`), so the alias ends on the best version whatever the order of writes.
     """
     client = MlflowClient()
     old_candidate = _alias_holder(client, name, "candidate")
-    version = register_model(run_id, name, "candidate")
-    tags = {"ltexp.val_metric": metric, "ltexp.val_metric_value": repr(float(value)), "ltexp.data_config": data_key}
+    # The figure is part of the registration: a worker deciding beside this one reads it at once.
+    judged_on = {"ltexp.val_metric": metric, "ltexp.val_metric_value": repr(float(value)), "ltexp.data_config": data_key}
+    version = register_model(run_id, name, "candidate", extra=judged_on)
+    tags: dict[str, str] = {}
     champion = _alias_holder(client, name, "champion")
     rival = None
     if champion is None:
         others = [(v, _validation_figure(client, v, metric, data_key))
                   for v in client.search_model_versions(f"name = '{name}'") if int(v.version) != version]
-        better = [(v, figure) for v, figure in others if figure is not None and figure >= value]
-        if better:
-            rival = max(better, key=lambda pair: pair[1])
+        above = [(v, figure) for v, figure in others
+                 if figure is not None and _ranks_above(figure, int(v.version), value, version)]
+        if above:
+            rival = max(above, key=lambda pair: (pair[1], -int(pair[0].version)))
             promote, decision = False, (f"not made @champion: v{rival[0].version} has {metric} {rival[1]:.6g} "
                                         f">= {value:.6g} on the same data")
         else:
@@ -770,13 +786,49 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
     if old_candidate is not None and "ltexp.val_metric_value" not in old_candidate.tags:
         decision += f"; @candidate moved from v{old_candidate.version}, which ltexp tune had not set"
     tags["ltexp.promotion"] = decision
+    # Tagged before the alias moves: a worker that settles the alias reads every crowned decision.
     for key, val in tags.items():
         client.set_model_version_tag(name, str(version), key, val)
     if promote:
         if champion is not None:
             client.set_registered_model_alias(name, "previous", champion.version)
         client.set_registered_model_alias(name, "champion", str(version))
+        better = _settle_champion(client, name, version, metric, value, data_key)
+        if better is not None:
+            promote = False
+            decision += (f"; then v{better.version}, crowned beside it with {metric} "
+                         f"{float(better.tags['ltexp.val_metric_value']):.6g}, ranks above it and holds @champion")
+            client.set_model_version_tag(name, str(version), "ltexp.promotion", decision)
     return version, promote, decision
+
+
+# How far apart two workers' registrations can be when one decided without seeing the other: at
+# most one worker's register-decide-tag-alias sequence (a few requests: seconds, a minute on a
+# loaded server). Versions crowned further apart are history (a champion moved by hand since
+# stays where it was put).
+SETTLE_WINDOW_S = 600
+
+
+def _settle_champion(client: MlflowClient, name: str, version: int, metric: str, value: float, data_key: str):
+    """After crowning `version`: the best version that another worker crowned beside it on the
+    same data and metric, now made `champion`, or None when `version` ranks above them all.
+
+    A worker decides on what the registry held when it looked; one that looked before a better
+    version existed may set the alias after that version's worker did. Every worker settles after
+    its own write and every crowned version is tagged before its write, so the last worker to
+    write sees every crowned figure and leaves the alias on the best of them."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    (mine,) = [v for v in versions if int(v.version) == version]
+    beside = [v for v in versions if int(v.version) != version
+              and abs(v.creation_timestamp - mine.creation_timestamp) <= SETTLE_WINDOW_S * 1000
+              and v.tags.get("ltexp.promotion", "").startswith(f"v{v.version} is now @champion")
+              and v.tags.get("ltexp.data_config") == data_key and v.tags.get("ltexp.val_metric") == metric]
+    above = [v for v in beside if _ranks_above(float(v.tags["ltexp.val_metric_value"]), int(v.version), value, version)]
+    if not above:
+        return None
+    best = max(above, key=lambda v: (float(v.tags["ltexp.val_metric_value"]), -int(v.version)))
+    client.set_registered_model_alias(name, "champion", str(best.version))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,76 @@ def test_tuning_never_crowns_a_version_worse_than_one_registered_by_hand_and_say
     assert int(tracking._alias_holder(client, name, "previous").version) == 3
 
 
+
+def _data_key(run) -> str:
+    settings = {**run.data.params, **{k.removeprefix("ltexp."): v for k, v in run.data.tags.items()}}
+    return "|".join(settings[f] for f in tracking.DATA_KEY_FIELDS)
+
+
+def test_two_workers_registering_the_same_best_trial_at_once_crown_exactly_one(trained_run, monkeypatch):
+    """Two workers of one study finish together and both register the study's best trial: each
+    sees the other's version before either crowns one (the order a loaded CI machine produced,
+    which left the team without a champion). The earlier version wins the tie."""
+    client = MlflowClient()
+    name, run_id, data_key = "ltexp-digits", trained_run.info.run_id, _data_key(trained_run)
+    value = trained_run.data.metrics["val_acc"]  # the figure each reads from the other's run, too
+    real_holder = tracking._alias_holder
+    second: list = []
+
+    def holder_after_the_other_worker_registered(client, model, alias):
+        if alias == "champion" and not second:   # worker A is deciding: worker B runs its whole way now
+            second.append(None)
+            second[0] = tracking.register_and_promote(run_id, name, "val_acc", value, data_key)
+        return real_holder(client, model, alias)
+
+    monkeypatch.setattr(tracking, "_alias_holder", holder_after_the_other_worker_registered)
+    first = tracking.register_and_promote(run_id, name, "val_acc", value, data_key)
+    assert second[0][:2] == (2, False) and first[:2] == (1, True)
+    assert second[0][2] == f"not made @champion: v1 has val_acc {value:.6g} >= {value:.6g} on the same data"
+    assert int(real_holder(client, name, "champion").version) == 1
+
+
+def test_a_worker_that_crowned_on_a_stale_view_hands_the_champion_to_the_better_version(trained_run, monkeypatch):
+    """Worker X decides before worker Y's better version exists, and X's alias write reaches the
+    server after Y's whole registration: X sees Y's crowned figure after writing and moves
+    `champion` to Y; X's version says so."""
+    client = MlflowClient()
+    name, run_id, data_key = "ltexp-digits", trained_run.info.run_id, _data_key(trained_run)
+    worse, better = (trained_run.data.metrics["val_acc"] + d for d in (0.05, 0.1))
+    real_set = MlflowClient.set_registered_model_alias
+    other: list = []
+
+    def set_after_the_other_worker(self, model, alias, version):
+        if alias == "champion" and not other:   # X's write is late: Y registers, crowns and settles first
+            other.append(None)
+            other[0] = tracking.register_and_promote(run_id, name, "val_acc", better, data_key)
+        return real_set(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_after_the_other_worker)
+    version, promoted, decision = tracking.register_and_promote(run_id, name, "val_acc", worse, data_key)
+    assert other[0][:2] == (2, True)                       # Y saw X's figure and beat it
+    assert (version, promoted) == (1, False)
+    assert decision == (f"v1 is now @champion (val_acc {worse:.6g}; no champion before); then v2, crowned beside "
+                        f"it with val_acc {better:.6g}, ranks above it and holds @champion")
+    assert int(tracking._alias_holder(client, name, "champion").version) == 2
+    assert client.get_model_version(name, "1").tags["ltexp.promotion"] == decision
+
+
+def test_a_champion_moved_back_by_hand_stays_when_a_later_tune_settles(trained_run, monkeypatch):
+    """Settling looks only at versions crowned beside this one (SETTLE_WINDOW_S): a better version
+    crowned long ago, from which a person moved `champion` back, is not crowned again."""
+    client = MlflowClient()
+    name, run_id, data_key = "ltexp-digits", trained_run.info.run_id, _data_key(trained_run)
+    base = trained_run.data.metrics["val_acc"]
+    assert tracking.register_and_promote(run_id, name, "val_acc", base + 0.05, data_key)[:2] == (1, True)
+    assert tracking.register_and_promote(run_id, name, "val_acc", base + 0.2, data_key)[:2] == (2, True)
+    client.set_registered_model_alias(name, "champion", "1")   # v2 misbehaved in production: rolled back
+    monkeypatch.setattr(tracking, "SETTLE_WINDOW_S", -1)       # as if v2 had been crowned long before
+    version, promoted, decision = tracking.register_and_promote(run_id, name, "val_acc", base + 0.1, data_key)
+    assert (version, promoted) == (3, True) and "ranks above" not in decision
+    assert int(tracking._alias_holder(client, name, "champion").version) == 3
+
+
 # A run whose store stops growing in the middle (a disk filling up under it, lowered here as the
 # process's file-size limit), then takes writes again: `sys.argv[1]` = "queued" (an epoch's
 # queued metrics are refused) or "artifact" (a 2 MB artifact is refused).
