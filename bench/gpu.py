@@ -66,7 +66,8 @@ from ltexp.concurrency import run_at_once  # noqa: E402
 from ltexp.config import resolve_config  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
-from ltexp.engine import COMPILE_CUDA_GRAPHS, COMPILE_NONE, predict_logits, resolve_device  # noqa: E402
+from ltexp.choices import COMPILE_CUDA_GRAPHS, COMPILE_NONE  # noqa: E402
+from ltexp.engine import predict_logits, resolve_device  # noqa: E402
 from ltexp.experiment import build_experts, expert_view, prepare, train_expert  # noqa: E402
 from ltexp.models import build_model, channel_stats  # noqa: E402
 from ltexp.threads import configure_threads  # noqa: E402

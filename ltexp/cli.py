@@ -210,10 +210,19 @@ def _report_sweep(closed: list[dict]) -> None:
         print(f"ltexp: closed stale run {run['run_id']} ({run['run_name']}) as KILLED: {run['reason']}", file=sys.stderr)
 
 
+def _start_torch(args: argparse.Namespace) -> None:
+    """Import torch and set its threads (`--threads`, LTEXP_THREADS, …: ltexp/threads.py), once a
+    command's settings have passed their checks: a bad flag answers without loading torch."""
+    from ltexp.threads import configure_threads
+
+    configure_threads(getattr(args, "threads", None))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     sections = _sections(args)
     cfg = resolve_config(sections, seed=args.seed, device=args.device, preset=args.preset)
     preflight(cfg)
+    _start_torch(args)
     from ltexp.experiment import run_experiment  # after the checks: a bad setting fails without it
 
     result = run_experiment(cfg, progress=not args.no_progress)
@@ -246,6 +255,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         tracking.validate_registered_name(tune_cfg.model_name, flag="--model-name")
     preflight(cfg)
+    _start_torch(args)
     from ltexp.tune import run_study  # after the checks, as in cmd_train
 
     result = run_study(cfg, tune_cfg, progress=not args.no_progress)
@@ -299,6 +309,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ltexp.data import build_dataset
 
     cfg = resolve_config(_sections(args)).data
+    _start_torch(args)  # folder and list images decode with torchvision
     if args.pack:
         from dataclasses import replace
 
@@ -346,6 +357,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     grid_cfg = GridConfig(**{f.name: getattr(args, "grid_" + f.name) for f in fields(GridConfig)})
     fixed = {name: values for name, values in _sections(args).items() if values and name in TRAIN_SECTIONS}
+    _start_torch(args)
     helpers = None
     if grid_cfg.jobs > 1:  # this process is the first worker; the others share its threads
         import torch
@@ -387,16 +399,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ltexp` console script."""
-    from ltexp import lifecycle
+    from ltexp import processes
 
-    lifecycle.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
+    processes.install_signal_handlers()  # SIGTERM ends runs KILLED, like Ctrl-C
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `ltexp grid --jobs N` starts workers with it
     try:
-        lifecycle.follow_launcher()  # a SIGTERM that ends `mlflow run` ends this process's runs too
-        from ltexp.threads import configure_threads
-
-        configure_threads(getattr(args, "threads", None))
+        processes.follow_launcher()  # a SIGTERM that ends `mlflow run` ends this process's runs too
         return {"train": cmd_train, "tune": cmd_tune, "data": cmd_data, "register": cmd_register,
                 "runs": cmd_runs, "grid": cmd_grid, "report": cmd_report, "dashboard": cmd_dashboard}[args.command](args)
     except LtexpError as exc:
@@ -413,5 +422,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _fail(line)
     except KeyboardInterrupt as exc:
-        print(f"ltexp: {lifecycle.interrupt_reason(exc)}", file=sys.stderr)
+        print(f"ltexp: {processes.interrupt_reason(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -33,9 +33,8 @@ from typing import Callable, TypeVar
 import torch
 
 from ltexp import LtexpError
+from ltexp.choices import EXPERT_CONCURRENCY, SEQUENTIAL
 
-SEQUENTIAL, THREADS = "sequential", "threads"
-EXPERT_CONCURRENCY = (SEQUENTIAL, THREADS)
 JOIN_POLL_S = 0.2  # the waiting main thread wakes this often, so a signal is handled promptly
 
 T = TypeVar("T")

@@ -16,20 +16,17 @@ from pathlib import PurePath
 from typing import Any, Callable
 
 from ltexp import LtexpError
-from ltexp.concurrency import EXPERT_CONCURRENCY, SEQUENTIAL
-from ltexp.data.device import AUGMENTS
+from ltexp.choices import (AUGMENTS, COMPILE_MODES, COMPILE_NONE, DEVICES, EXPERT_CONCURRENCY, EXPERT_MODES, LOSS_OPTIONS,
+                           LOSSES, LWS_MODES, METHOD_LOSS, METHODS, MODEL_BODIES, NEEDS_OTHER, NEEDS_ROUTER, OTHER_SIZES,
+                           RESAMPLINGS, SEQUENTIAL, STUDENT, STUDENT_SAMPLINGS)
+from ltexp.choices import FUSIONS as FUSION_RULES
 from ltexp.durations import Every
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import DATASETS
-from ltexp.engine import COMPILE_MODES, COMPILE_NONE, DEVICES
-from ltexp.fusion import FUSIONS as FUSION_RULES
-from ltexp.losses import LOSS_OPTIONS, LOSSES
-from ltexp.methods import EXPERT_MODES, LWS_MODES, METHODS, OTHER_SIZES, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
-from ltexp.models import BODIES
 from ltexp.schedules import LR_SCHEDULES, parse_milestones
 
 AUTO = "auto"
-MODELS = (AUTO, *BODIES)
+MODELS = (AUTO, *MODEL_BODIES)
 FUSIONS = (AUTO, *FUSION_RULES, STUDENT)
 
 
@@ -226,9 +223,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """What makes a method: see `ltexp.methods.METHODS`."""
+    """What makes a method: see `ltexp.methods.METHODS` (named in `ltexp.choices`)."""
 
-    method: str = setting("baseline", "the method: " + ", ".join(METHODS), choices=tuple(METHODS))
+    method: str = setting("baseline", "the method: " + ", ".join(METHODS), choices=METHODS)
     sampling: str = setting("over", "resample: over (the paper's ROS), under or balanced", choices=RESAMPLINGS,
                             when=lambda cfg: cfg.method.method == "resample")
     lws_mode: str = setting("decoupled", "lws: joint (the paper) or decoupled (Kang et al. 2019)", choices=LWS_MODES,
@@ -330,9 +327,9 @@ class SplitConfig:
                 raise LtexpError(f"--split-at {self.split_at!r} gives {len(parts) + 1} groups but --num-groups is "
                                  f"{self.num_groups}: give num_groups - 1 ranks")
         _check_section(self)
-        if self.fusion in ("other", "calibrated_other") and self.expert_mode != "other":
+        if self.fusion in NEEDS_OTHER and self.expert_mode != "other":
             raise LtexpError(f"--fusion {self.fusion} needs --expert-mode other (experts without an \"other\" label)")
-        if self.fusion == "router" and not self.router:
+        if self.fusion in NEEDS_ROUTER and not self.router:
             raise LtexpError("--fusion router needs --router true (a router model to predict the group)")
         if self.fusion == STUDENT and not self.distill:
             raise LtexpError(f"--fusion {STUDENT} needs --distill true (a student to serve)")
@@ -554,11 +551,10 @@ def resolve_config(sections: dict[str, dict[str, Any]], seed: int = 0, device: s
     if data.val_per_class == 0:
         data = replace(data, val_per_class=packed_val or CIFAR_VAL_PER_CLASS.get(data.dataset, preset["val_per_class"]))
     method = fill(MethodConfig, sections.get("method", {}), {})
-    method_cls = METHODS[method.method]
     # The paper clips expert gradients at norm 5; single-model methods default to no clipping.
     optim = fill(OptimConfig, sections.get("optim", {}), {**preset, "clip_norm": 5.0 if method.method == "split" else 0.0})
     loss_values = dict(sections.get("loss", {}))
-    fixed = getattr(method_cls, "fixed_loss", None)
+    fixed = METHOD_LOSS[method.method]
     given = loss_values.get("loss", AUTO)
     if fixed and given not in (AUTO, fixed):
         raise LtexpError(f"--method {method.method} trains with --loss {fixed}, not {given!r}: leave --loss at auto, "

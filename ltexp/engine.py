@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ltexp import LtexpError
+from ltexp.choices import COMPILE_CUDA_GRAPHS, COMPILE_MODES, COMPILE_NONE, DEVICES
 from ltexp.concurrency import between_steps
 from ltexp.data.device import CropFlip, DeviceImages
 from ltexp.data.longtail import ClassInfo
@@ -24,13 +25,8 @@ from ltexp.methods import TRAIN_HEAD, TRAIN_NETWORK, TRAIN_NETWORK_AND_SCALES, T
 from ltexp.metrics import classification_metrics
 from ltexp.progress import Progress
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-# How the training step's forward and backward run: eager PyTorch (`none`), `torch.compile`'s
-# generated kernels (`default`), or those replayed as CUDA graphs (`reduce-overhead`, on CUDA; on
-# other devices it compiles as `default`). On a GPU at batch 128 a ResNet step is bound by the
-# host launching its kernels, which only CUDA graphs remove (bench/gpu.py measures each mode).
-COMPILE_NONE, COMPILE_CUDA_GRAPHS = "none", "reduce-overhead"
-COMPILE_MODES = (COMPILE_NONE, "default", COMPILE_CUDA_GRAPHS)
+# On a GPU at batch 128 a ResNet step is bound by the host launching its kernels, which only CUDA
+# graphs (--compile reduce-overhead) remove; bench/gpu.py measures each of `COMPILE_MODES`.
 
 if TYPE_CHECKING:
     from ltexp.lifecycle import Checkpointer

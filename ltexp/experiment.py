@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import concurrency, lifecycle, plots, tracking, write_error
+from ltexp import choices, concurrency, lifecycle, plots, tracking, write_error
 from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
@@ -439,10 +439,10 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
 
     # The group experts one after the other, or at once (--expert-concurrency); a study's final
     # evaluation (no runs of their own) takes its experts from the study's cache.
-    way = concurrency.resolve(cfg.split.expert_concurrency, len(specs)) if expert_runs else concurrency.SEQUENTIAL
+    way = concurrency.resolve(cfg.split.expert_concurrency, len(specs)) if expert_runs else choices.SEQUENTIAL
     if len(specs) > 1 and not shared_run:
         run.set_tags({"ltexp.expert_concurrency": way})
-    if way == concurrency.THREADS:
+    if way == choices.THREADS:
         trained = concurrency.run_at_once([lambda spec=spec: train_alone(spec) for spec in specs], device,
                                           [spec.name for spec in specs])
         experts = [kept(t) for t in trained]

@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ltexp import LtexpError
+from ltexp import LtexpError, choices
+from ltexp.choices import NEEDS_OTHER, NEEDS_ROUTER, registry
 from ltexp.metrics import hit_rate
 
 
@@ -183,7 +184,7 @@ def fit_calibrated_other(outputs, layout: ExpertLayout, labels: torch.Tensor) ->
     return fit_temperature_bias(_other_rule, outputs, layout, labels)
 
 
-FUSIONS: dict[str, Callable] = {
+FUSIONS: dict[str, Callable] = registry("fusion rule", choices.FUSIONS, {
     "concat": fuse_concat,
     "absnorm": fuse_absnorm,
     "softmax": fuse_softmax,
@@ -191,10 +192,8 @@ FUSIONS: dict[str, Callable] = {
     "other": fuse_other,
     "calibrated_other": fuse_calibrated_other,
     "router": fuse_router,
-}
+})
 FITTED = {"calibrated": fit_calibrated, "calibrated_other": fit_calibrated_other}  # fitted on validation
-NEEDS_OTHER = {"other", "calibrated_other"}
-NEEDS_ROUTER = {"router"}
 
 
 def applicable_rules(layout: ExpertLayout) -> list[str]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ltexp import LtexpError, redact
-from ltexp.lifecycle import PARENT_ENV
+from ltexp.choices import METHODS
+from ltexp.processes import PARENT_ENV
 from ltexp.config import BOOKKEEPING_FIELDS, RUN_PRESETS, RunConfig, flatten, resolve_config
 from ltexp.progress import CountProgress
 
@@ -87,9 +88,7 @@ def split_list(text: str) -> list[str]:
 
 
 def method_names(text: str) -> list[str]:
-    """The grid's methods: those named, or every method in the registry."""
-    from ltexp.methods import METHODS
-
+    """The grid's methods: those named, or every method (`ltexp.choices.METHODS`)."""
     names = split_list(text) or list(METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -302,7 +301,7 @@ class GridHelpers:
     processes, one job each with `threads` torch threads, claiming cells from the same study.
 
     Each asks the kernel for SIGTERM should this process die (`LTEXP_PARENT_PID`, see
-    `lifecycle.follow_launcher`); `stop` ends them (their cells go back to the queue, their runs
+    `processes.follow_launcher`); `stop` ends them (their cells go back to the queue, their runs
     end KILLED) and `wait` returns their exit codes."""
 
     def __init__(self, argv: list[str], jobs: int, threads: int):

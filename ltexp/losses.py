@@ -24,13 +24,13 @@ epoch), so every loss is built from what the model really sees.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ltexp import LtexpError
+from ltexp.choices import LOSS_OPTIONS, registry
 
 # Heads a loss may require (ltexp/models.py builds them).
 LINEAR_HEAD = "linear"
@@ -110,13 +110,13 @@ class LDAM(Loss):
     name = "ldam"
     head = COSINE_HEAD
 
-    def __init__(self, counts: Sequence[int], max_margin: float = 0.5, scale: float = 30.0, drw_epoch: int = 0,
-                 beta: float = 0.9999):
+    def __init__(self, counts: Sequence[int], ldam_max_margin: float = 0.5, ldam_scale: float = 30.0,
+                 drw_epoch: int = 0, drw_beta: float = 0.9999):
         super().__init__(counts)
-        self.scale = float(scale)
-        self.margins = ldam_margins(self.counts, max_margin)
+        self.scale = float(ldam_scale)
+        self.margins = ldam_margins(self.counts, ldam_max_margin)
         self.drw_epoch = int(drw_epoch)          # 0 = no re-weighting
-        self.drw_weights = effective_number_weights(self.counts, beta)
+        self.drw_weights = effective_number_weights(self.counts, drw_beta)
 
     def start_epoch(self, epoch: int) -> None:
         self.weight = self.drw_weights if self.drw_epoch and epoch >= self.drw_epoch else None
@@ -132,9 +132,9 @@ class Focal(Loss):
 
     name = "focal"
 
-    def __init__(self, counts: Sequence[int], gamma: float = 1.0):
+    def __init__(self, counts: Sequence[int], focal_gamma: float = 1.0):
         super().__init__(counts)
-        self.gamma = float(gamma)
+        self.gamma = float(focal_gamma)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
@@ -178,37 +178,18 @@ class Distilled(Loss):
         return loss + self.weight_kd * t * t * kl.mean()
 
 
-LOSSES = {cls.name: cls for cls in (CrossEntropy, BalancedSoftmax, LogitAdjusted, LDAM, Focal)}
+# Keyword arguments = the loss's settings in `choices.LOSS_OPTIONS` (`LossConfig` field names).
+LOSSES = registry("loss", LOSS_OPTIONS, {cls.name: cls for cls in (CrossEntropy, BalancedSoftmax, LogitAdjusted, LDAM,
+                                                                   Focal)})
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The loss options a built loss needs (a subset of `config.LossConfig`, resolved)."""
-
-    loss: str = "ce"
-    tau: float = 1.0
-    ldam_max_margin: float = 0.5
-    ldam_scale: float = 30.0
-    drw_epoch: int = 0
-    drw_beta: float = 0.9999
-    focal_gamma: float = 1.0
-
-
-# Which settings each loss reads: the others are not logged for a run that uses this loss.
-LOSS_OPTIONS = {"ce": (), "balanced_softmax": (), "logit_adjust": ("tau",),
-                "ldam": ("ldam_max_margin", "ldam_scale", "drw_epoch", "drw_beta"), "focal": ("focal_gamma",)}
-
-
-def build_loss(settings: LossSettings, counts: Sequence[int]) -> Loss:
-    """The loss named by `settings.loss`, for classes with these training counts."""
+def build_loss(settings, counts: Sequence[int]) -> Loss:
+    """The loss named by `settings.loss` (a `config.LossConfig`), built with the settings it
+    reads (`choices.LOSS_OPTIONS`), for classes with these training counts."""
     name = settings.loss
     if name not in LOSSES:
         raise LtexpError(f"unknown --loss {name!r}: allowed are {', '.join(LOSSES)}")
-    options = {"logit_adjust": {"tau": settings.tau},
-               "ldam": {"max_margin": settings.ldam_max_margin, "scale": settings.ldam_scale,
-                        "drw_epoch": settings.drw_epoch, "beta": settings.drw_beta},
-               "focal": {"gamma": settings.focal_gamma}}.get(name, {})
-    return LOSSES[name](counts, **options)
+    return LOSSES[name](counts, **{option: getattr(settings, option) for option in LOSS_OPTIONS[name]})
 
 
 def head_for(loss: str) -> str:

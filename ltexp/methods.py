@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ltexp import posthoc
+from ltexp import choices, posthoc
+from ltexp.choices import STUDENT, registry
 from ltexp.data.longtail import ClassInfo, default_split_at, validate_split_at
 from ltexp.fusion import applicable_rules
 from ltexp.losses import BalancedSoftmax as BalancedSoftmaxLoss, Distilled, Loss, build_loss, head_for
@@ -31,12 +32,6 @@ TRAIN_NETWORK_AND_SCALES = "network+scales"
 TRAIN_SCALES = "scales"               # only the LWS scales; the rest frozen, BatchNorm in eval mode
 TRAIN_HEAD = "head"                   # only the linear classifier; the rest frozen, BatchNorm in eval mode
 
-RESAMPLINGS = ("over", "under", "balanced")   # samplers (ltexp/data/sampling.py) `resample` may use
-LWS_MODES = ("joint", "decoupled")
-EXPERT_MODES = ("own", "other")
-OTHER_SIZES = ("mean", "min", "max")
-STUDENT = "student"                      # the split's distilled student, when it competes with the fusion rules
-STUDENT_SAMPLINGS = ("instance", *RESAMPLINGS)
 
 # What a model of a method is: an expert owning classes, a router predicting the group, or a
 # student over all classes taught by the experts.
@@ -85,10 +80,9 @@ class Baseline:
     """Cross-entropy (or `--loss`) on the long-tailed set, every image once per epoch."""
 
     name = "baseline"
-    fixed_loss: str | None = None  # a method defined by its loss trains with that loss only
 
     def __init__(self, cfg):
-        self.cfg = cfg  # the run's `ltexp.config.RunConfig` (not imported: config imports this module)
+        self.cfg = cfg  # the run's `ltexp.config.RunConfig`
 
     @property
     def head(self) -> str:
@@ -169,28 +163,24 @@ class BalancedSoftmax(Baseline):
     """Balanced softmax (Ren et al. 2020): the loss adds log(prior) to the logits."""
 
     name = "balanced_softmax"
-    fixed_loss = "balanced_softmax"
 
 
 class LogitAdjust(Baseline):
     """Logit-adjusted loss (Menon et al. 2021): the loss adds tau * log(prior) to the logits."""
 
     name = "logit_adjust"
-    fixed_loss = "logit_adjust"
 
 
 class LDAMDRW(Baseline):
     """LDAM loss with deferred re-weighting (Cao et al. 2019), on a cosine classifier."""
 
     name = "ldam_drw"
-    fixed_loss = "ldam"
 
 
 class FocalMethod(Baseline):
     """Focal loss (Lin et al. 2017)."""
 
     name = "focal"
-    fixed_loss = "focal"
 
 
 class LogitAdjustPosthoc(Baseline):
@@ -303,8 +293,10 @@ class Split(LWS):
         return stages
 
 
-METHODS = {m.name: m for m in (Baseline, Resample, LWS, Split, BalancedSoftmax, LogitAdjust, LDAMDRW, FocalMethod,
-                               LogitAdjustPosthoc, TauNorm, CRT)}
+# A method defined by its loss trains with that loss only: `choices.METHOD_LOSS`, which the config reads.
+METHODS = registry("method", choices.METHODS, {m.name: m for m in (Baseline, Resample, LWS, Split, BalancedSoftmax,
+                                                                   LogitAdjust, LDAMDRW, FocalMethod, LogitAdjustPosthoc,
+                                                                   TauNorm, CRT)})
 
 
 def build_method(cfg):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltexp import LtexpError
+from ltexp.choices import MODEL_BODIES, registry
 
 
 HEADS = ("linear", "cosine")
@@ -111,11 +112,11 @@ def _smallcnn_body(in_channels: int) -> tuple[nn.Module, int]:
     return body, 128
 
 
-BODIES = {
+BODIES = registry("model body", MODEL_BODIES, {
     "resnet18": lambda c: _resnet_body(c, 64, (64, 128, 256, 512), (2, 2, 2, 2), "conv"),
     "resnet32": lambda c: _resnet_body(c, 16, (16, 32, 64), (5, 5, 5), "pad"),
     "smallcnn": _smallcnn_body,
-}
+})
 
 
 class Classifier(nn.Module):

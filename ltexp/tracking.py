@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import ltexp  # noqa: E402
-from ltexp.stores import install_sqlite_settings
+from ltexp.processes import interrupt_reason, process_tags, stale_reason  # noqa: E402
+from ltexp.stores import install_sqlite_settings  # noqa: E402
 
 # Neither torch nor the configs are imported here (they are where they are used): `mlflow run`
 # imports this module through ltexp/default_experiment.py, and should not pay for torch.
@@ -504,7 +505,6 @@ class Run:
     @contextmanager
     def child(self, name: str, tags: dict[str, str]) -> Iterator["Run"]:
         """A nested run (e.g. one expert) under this one; FAILED with the reason if it raises."""
-        from ltexp.lifecycle import process_tags
 
         active = mlflow.active_run()
         # Under this run when it is the active one; else (a run opened by another process, see
@@ -603,7 +603,6 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
     existing = os.environ.get("MLFLOW_RUN_ID")
     if not existing:
         mlflow.set_experiment(experiment_name(cfg))
-    from ltexp.lifecycle import process_tags
 
     with _writing("a new run" if not existing else f"run {existing}"):
         active = mlflow.start_run(run_name=None if existing else name)
@@ -638,7 +637,6 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
     with _guarded(active) as run:
         if launched:  # `mlflow run` gave the run a random name
             MlflowClient().update_run(run.run_id, name=cfg.tracking.run_name or default_run_name(cfg, "tune"))
-        from ltexp.lifecycle import process_tags
 
         mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name, **process_tags()})
         yield run
@@ -654,8 +652,7 @@ def flush() -> None:
 
 def error_message(exc: BaseException) -> str:
     """One line for a tag or the terminal: the message, or the exception type when it has none."""
-    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (lifecycle.Terminated)
-        from ltexp.lifecycle import interrupt_reason
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (processes.Terminated)
 
         return interrupt_reason(exc)
     text = ltexp.redact(str(exc)).strip().splitlines()  # a library's message may quote a URL
@@ -1224,7 +1221,6 @@ def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, st
 def sweep(experiment_ids: list[str], older_than_s: float = 900.0) -> list[dict]:
     """Close RUNNING runs of `experiment_ids` whose process died (KILLED, reason in `ltexp.error`);
     return what was closed (run_id, run_name, experiment_id, reason, ...)."""
-    from ltexp.lifecycle import stale_reason
 
     closed = []
     for run in running_runs(experiment_ids):

@@ -36,15 +36,14 @@ from typing import Any
 import optuna
 import torch
 
-from ltexp import LtexpError, concurrency, lifecycle, redact, tracking
+from ltexp import LtexpError, lifecycle, processes, redact, tracking
+from ltexp.choices import COMPILE_NONE, FUSIONS, NEEDS_OTHER, NEEDS_ROUTER, SEQUENTIAL
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.coord.budget import TrialBudget, state_counts
 from ltexp.coord.claim import parent_run_id, record_parent_run
 from ltexp.coord.storage import default_storage, open_storage
-from ltexp.engine import COMPILE_NONE
 from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, execute, expert_key, expert_steps,
                               fusion_table, prepare, train_expert)
-from ltexp.fusion import NEEDS_OTHER, NEEDS_ROUTER, FUSIONS
 from ltexp.progress import CountProgress
 from ltexp.threads import job_threads
 
@@ -138,7 +137,7 @@ class SearchSpace:
         if self.base.split.router or self.base.split.distill or any(f in NEEDS_ROUTER for f in self.fusions(None)):
             raise LtexpError("tuning searches expert splits and fusion rules only: --router, --distill and the "
                              "router rule are for `ltexp train --method split` (set them false / leave them out)")
-        if self.base.split.expert_concurrency != concurrency.SEQUENTIAL:
+        if self.base.split.expert_concurrency != SEQUENTIAL:
             raise LtexpError(f"--expert-concurrency {self.base.split.expert_concurrency} is for `ltexp train --method "
                              f"split`: a study trains each trial's experts in lockstep, an epoch each in turn, and "
                              f"runs trials at once with --jobs")
@@ -574,7 +573,7 @@ def tune_job(args: JobArgs, expert_counts=None) -> None:
 
     `expert_counts`: a shared array (`TuneJobs`) where this job leaves how many experts it
     trained and reused, at slots 2 * (index - 1) and the next, whichever way it ends."""
-    lifecycle.install_signal_handlers()
+    processes.install_signal_handlers()
     torch.set_num_threads(args.threads)
     cache = ExpertCache(directory=args.expert_dir)
     try:
@@ -593,7 +592,7 @@ def tune_job(args: JobArgs, expert_counts=None) -> None:
         print(f"ltexp: tune job {args.index}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        print(f"ltexp: tune job {args.index}: {lifecycle.interrupt_reason(exc)}", file=sys.stderr, flush=True)
+        print(f"ltexp: tune job {args.index}: {processes.interrupt_reason(exc)}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         if expert_counts is not None:

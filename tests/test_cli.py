@@ -500,3 +500,30 @@ def test_train_preset_fills_what_the_command_line_leaves_unset(mlflow_store, cap
     # From the command line, over the preset: epochs, milestones, warm-up, DRW start, model.
     assert (params["epochs"], params["lr_milestones"], params["warmup_epochs"], params["drw_epoch"], params["model"]) == \
         ("2", "1,2", "0", "2", "smallcnn")
+
+
+# Which heavy libraries a command line loaded before it answered.
+_LOADED = """
+import sys
+from ltexp.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(sorted(m for m in ("torch", "torchvision", "mlflow", "optuna") if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["train", "--help"], 0), (["tune", "--help"], 0),
+                                        (["grid", "--help"], 0), (["train", "--method", "nope"], 2),
+                                        (["train", "--lr", "1e308"], 2), (["tune", "--n-trials", "0"], 2)])
+def test_help_and_a_bad_flag_answer_without_importing_torch(subprocess_env, tmp_path, args, code):
+    """The config is a torch-free leaf (names in ltexp/choices.py): `--help` and a refused setting
+    answer in a fraction of a second instead of after torch's import (bench/results/*-cpu-help)."""
+    proc = subprocess.run([sys.executable, "-c", _LOADED, *args], env=subprocess_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
+    if code:
+        assert proc.stderr.strip().splitlines()[-2].startswith("ltexp: error: --") or "unknown --method 'nope'" in proc.stderr

@@ -604,3 +604,19 @@ def test_sigterm_to_mlflow_run_alone_ends_its_training_child_and_the_run_killed(
             launcher.kill()
         if trainer is not None and not _ended(trainer):
             os.kill(trainer, signal.SIGKILL)
+
+
+def test_a_grid_helper_whose_command_died_while_it_started_ends_before_training(env, tmp_path, mlflow_store):
+    """`ltexp grid --jobs N` killed while a helper is still importing: the kernel cannot tell that
+    helper (it had not asked yet) and init adopts it; it sees its parent is not the command that
+    named itself in LTEXP_PARENT_PID and ends with the reason instead of training on alone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is certainly not the helper's parent
+    helper = subprocess.Popen([sys.executable, "-m", "ltexp", "train", "--epochs", "400", "--no-progress"],
+                              env={**env, "LTEXP_PARENT_PID": str(gone.pid)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = helper.communicate(timeout=300)
+    assert helper.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"ltexp: terminated by signal SIGTERM (pid {helper.pid}): the "
+                                            f"`ltexp grid --jobs` process {gone.pid} that started it has ended")
+    assert _runs(mlflow_store) == []  # it ended before starting a run

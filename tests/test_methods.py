@@ -8,14 +8,14 @@ from ltexp.config import FUSIONS, MODELS, RunConfig, resolve_config, setting_fie
 from ltexp.data import sampling
 from ltexp.data.device import AUGMENTS, build_augment
 from ltexp.data.longtail import IMB_TYPES, long_tail_counts
-from ltexp.engine import DEVICES
+from ltexp.choices import (DEVICES, LOSS_OPTIONS, METHOD_LOSS, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS)
 from ltexp.fusion import FUSIONS as FUSION_RULES
-from ltexp.losses import LOSS_OPTIONS, LOSSES
-from ltexp.methods import METHODS, RESAMPLINGS, STUDENT, STUDENT_SAMPLINGS
+from ltexp.losses import LOSSES
+from ltexp.methods import METHODS
 from ltexp.models import BODIES
 
 
-def test_every_choice_list_comes_from_its_implementing_module():
+def test_every_choice_list_is_declared_once_and_keys_its_registry():
     fields = setting_fields(RunConfig())
     assert fields["method"].metadata["choices"] == tuple(METHODS)
     assert fields["loss"].metadata["choices"] == ("auto", *LOSSES)
@@ -48,8 +48,18 @@ def test_every_method_resolves_and_has_stages():
         spec = method.experts(info)[0]
         stages = method.stages(expert_info(info, spec), spec)
         assert stages and all(s.loss is not None for s in stages)
-        if method.fixed_loss:
-            assert cfg.loss.loss == method.fixed_loss
+        if METHOD_LOSS[name]:  # a method defined by its loss trains with it
+            assert cfg.loss.loss == METHOD_LOSS[name] and stages[0].loss.name == METHOD_LOSS[name]
+
+
+def test_a_registry_that_disagrees_with_the_declared_names_is_refused_at_import():
+    from ltexp.choices import registry
+
+    assert registry("loss", ("a", "b"), {"a": 1, "b": 2}) == {"a": 1, "b": 2}
+    with pytest.raises(RuntimeError, match=r"the loss registry \['a', 'c'\] disagrees .* \(missing \['b'\], not declared \['c'\]\)"):
+        registry("loss", ("a", "b"), {"a": 1, "c": 2})
+    with pytest.raises(RuntimeError, match="disagrees"):  # the order is what --help lists and a grid runs
+        registry("loss", ("a", "b"), {"b": 2, "a": 1})
 
 
 def test_a_method_defined_by_its_loss_refuses_another_loss():

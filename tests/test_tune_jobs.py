@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from ltexp import lifecycle
 from ltexp.config import TuneConfig, resolve_config
-from ltexp.lifecycle import pid_alive
+from ltexp.processes import pid_alive
 from ltexp.threads import job_threads
 from ltexp.tune import run_study
 

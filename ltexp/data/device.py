@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ltexp.choices import AUGMENTS, registry
+
 
 @dataclass
 class DeviceImages:
@@ -69,14 +71,11 @@ class CropFlip:
         return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-AUGMENTS = ("crop_flip", "crop", "none")
-
-
 def build_augment(name: str, image_size: int) -> CropFlip:
     """`crop_flip` (CIFAR's standard), `crop` (for digits, where a flip changes the class) or `none`.
 
     Padding is 4 px for 32-px images (the CIFAR recipe) and scales with the image (1 px at 8x8).
     """
     padding = max(1, round(image_size / 8))
-    return {"crop_flip": CropFlip(padding, True), "crop": CropFlip(padding, False),
-            "none": CropFlip(0, False)}[name]
+    return registry("augmentation", AUGMENTS, {"crop_flip": CropFlip(padding, True), "crop": CropFlip(padding, False),
+                                               "none": CropFlip(0, False)})[name]
