@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from pathlib import PurePath
 from typing import Any, Callable
 
 from ltexp import LtexpError
@@ -22,7 +21,7 @@ from ltexp.choices import (AUGMENTS, COMPILE_MODES, COMPILE_NONE, DEVICES, EXPER
 from ltexp.choices import FUSIONS as FUSION_RULES
 from ltexp.durations import Every
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
-from ltexp.data.sources import DATASETS
+from ltexp.data.sources import parse_dataset
 from ltexp.schedules import LR_SCHEDULES, parse_milestones
 
 AUTO = "auto"
@@ -115,15 +114,7 @@ class DataConfig:
                                 "every --seed trains on the same images)")
 
     def __post_init__(self) -> None:
-        if not (self.dataset in DATASETS or self.dataset.startswith(("folder:", "list:", "pack:"))):
-            raise LtexpError(
-                f"unknown --dataset {self.dataset!r}: allowed are {', '.join(DATASETS)}, folder:<path>, "
-                f"list:<root>:<train.txt>,<test.txt> or pack:<file>"
-            )
-        for prefix, example in (("folder:", "folder:/data/my_images"), ("pack:", "pack:cifar10-lt.ltpack"),
-                                ("list:", "list:/data/ImageNet_LT:ImageNet_LT_train.txt,ImageNet_LT_test.txt")):
-            if self.dataset == prefix:
-                raise LtexpError(f"--dataset {prefix} needs a path, e.g. {example}")
+        parse_dataset(self.dataset)  # one line naming what is allowed
         _check_section(self)
         if not (isinstance(self.imb_factor, (int, float)) and 0 < self.imb_factor <= 1):
             raise LtexpError(f"--imb-factor {self.imb_factor!r} is outside (0, 1]: use e.g. 0.1 or 0.01 (1 = keep counts)")
@@ -134,25 +125,15 @@ class DataConfig:
 
     @property
     def short_name(self) -> str:
-        """The data set in a few characters, for run and model names: `cifar10`, `folder:<folder
-        name>` (not its whole path), `pack:<file name without suffix>`."""
-        if self.dataset.startswith("list:"):  # list:<root>:<files>: the root's name
-            return "list:" + PurePath(self.dataset[len("list:"):].rpartition(":")[0]).name
-        for prefix in ("folder:", "pack:"):
-            if self.dataset.startswith(prefix):
-                path = PurePath(self.dataset[len(prefix):])
-                return prefix + ((path.stem if prefix == "pack:" else path.name) or str(path))
-        return self.dataset
+        """The data set in a few characters, for run and model names (`DatasetSpec.short_name`)."""
+        return parse_dataset(self.dataset).short_name
 
     @property
     def family(self) -> str:
         """`digits`, `cifar`, `folder` or `pack`: the preset family used for data-set defaults (a
         pack's defaults are those of the family it was packed from, `resolve_config`)."""
-        if self.dataset.startswith("cifar"):
-            return "cifar"
-        if self.dataset.startswith("pack:"):
-            return "pack"
-        return "folder" if self.dataset.startswith(("folder:", "list:")) else "digits"
+        kind = parse_dataset(self.dataset).kind
+        return {"cifar10": "cifar", "cifar100": "cifar", "list": "folder"}.get(kind, kind)
 
 
 @dataclass(frozen=True)

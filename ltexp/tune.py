@@ -39,6 +39,7 @@ import torch
 from ltexp import LtexpError, lifecycle, processes, redact, tracking
 from ltexp.choices import COMPILE_NONE, FUSIONS, NEEDS_OTHER, NEEDS_ROUTER, SEQUENTIAL
 from ltexp.config import RunConfig, TuneConfig
+from ltexp.data.sources import parse_dataset
 from ltexp.coord.budget import TrialBudget, state_counts
 from ltexp.coord.claim import parent_run_id, record_parent_run
 from ltexp.coord.storage import default_storage, open_storage
@@ -86,19 +87,14 @@ def objective_value(terms: list[tuple[float, str]], val_metrics: dict[str, float
 
 def default_model_name(dataset: str) -> str:
     """The registered-model name when --model-name is empty: `ltexp-<dataset>`, and for a folder
-    data set `ltexp-folder-<folder name>`, for a pack `ltexp-pack-<file name without suffix>`
-    (MLflow refuses '/' and ':' in a name)."""
-    if dataset.startswith("list:"):  # list:<root>:<split files>: named by its root folder
-        dataset = "folder:" + dataset[len("list:"):].rpartition(":")[0]
-        prefix_name = "list"
-    else:
-        prefix_name = None
-    for prefix in ("folder:", "pack:"):
-        if dataset.startswith(prefix):
-            path = Path(dataset[len(prefix):]).expanduser().resolve()
-            name = path.stem if prefix == "pack:" else path.name
-            dataset = (prefix_name or prefix[:-1]) + "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
-    return f"ltexp-{dataset}"
+    data set `ltexp-folder-<folder name>`, for a list data set `ltexp-list-<root's name>`, for a
+    pack `ltexp-pack-<file name without suffix>` (MLflow refuses '/' and ':' in a name)."""
+    spec = parse_dataset(dataset)
+    if not spec.location:
+        return f"ltexp-{dataset}"
+    path = Path(spec.location).expanduser().resolve()
+    name = path.stem if spec.kind == "pack" else path.name
+    return f"ltexp-{spec.kind}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
 
 
 @dataclass

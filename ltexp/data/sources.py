@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -361,19 +361,65 @@ def load_list_source(spec: str, image_size: int) -> ImageSource:
                        tuple(str(c) for c in range(k)), balanced=False, train_files=train_files, test_files=test_files)
 
 
-# Named data sets; any other dataset is "folder:<path>" (an image-folder tree) or "list:<root>:<files>".
+# Named data sets; any other --dataset is a kind and its argument (`folder:<path>`, …).
 DATASETS = ("digits", *CIFAR)
+# Each kind's form and an example, for --help and for the line that refuses a --dataset.
+KINDS = {"folder": ("folder:<path>", "folder:/data/my_images"),
+         "list": ("list:<root>:<train.txt>,<test.txt>", "list:/data/ImageNet_LT:ImageNet_LT_train.txt,ImageNet_LT_test.txt"),
+         "pack": ("pack:<file>", "pack:cifar10-lt.ltpack")}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed --dataset: `kind` is a named data set (`digits`, `cifar10`, `cifar100`) or
+    `folder` / `list` / `pack`, `argument` what follows the colon ('' for a named one)."""
+
+    kind: str
+    argument: str = ""
+
+    @property
+    def location(self) -> str:
+        """The folder or file the data set is named by: a folder's or a pack's path, a list data
+        set's image root ('' for a named data set)."""
+        return self.argument.rpartition(":")[0] if self.kind == "list" else self.argument
+
+    @property
+    def short_name(self) -> str:
+        """The data set in a few characters, for run and model names: `cifar10`, `folder:<folder
+        name>` (not its whole path), `list:<root's name>`, `pack:<file name without suffix>`."""
+        if self.kind not in KINDS:
+            return self.kind
+        path = PurePath(self.location)
+        return f"{self.kind}:" + ((path.stem if self.kind == "pack" else path.name) or str(path))
+
+
+def parse_dataset(dataset: str) -> DatasetSpec:
+    """`--dataset` parsed once for every user (the config, loading, run and model names); one
+    `LtexpError` naming the value and what is allowed otherwise."""
+    if dataset in DATASETS:
+        return DatasetSpec(dataset)
+    kind, colon, argument = dataset.partition(":")
+    if not colon or kind not in KINDS:
+        raise LtexpError(f"unknown --dataset {dataset!r}: allowed are {', '.join(DATASETS)}, "
+                         + ", ".join(form for form, _ in list(KINDS.values())[:-1]) + f" or {KINDS['pack'][0]}")
+    if not argument:
+        raise LtexpError(f"--dataset {kind}: needs a path, e.g. {KINDS[kind][1]}")
+    return DatasetSpec(kind, argument)
+
+
+# How each kind of data set is read (a pack is read whole, long tail included: ltexp.data.build_dataset).
+LOADERS = {
+    "digits": lambda spec, data_dir, image_size, download: load_digits_source(),
+    "cifar10": lambda spec, data_dir, image_size, download: load_cifar_source("cifar10", data_dir, download),
+    "cifar100": lambda spec, data_dir, image_size, download: load_cifar_source("cifar100", data_dir, download),
+    "folder": lambda spec, data_dir, image_size, download: load_folder_source(spec.argument, image_size),
+    "list": lambda spec, data_dir, image_size, download: load_list_source(spec.argument, image_size),
+}
 
 
 def load_source(dataset: str, data_dir: str = "data", image_size: int = 32, download: bool = True) -> ImageSource:
-    """Dispatch on the data set name (`digits`, `cifar10`, `cifar100`, `folder:<path>`)."""
-    if dataset == "digits":
-        return load_digits_source()
-    if dataset in CIFAR:
-        return load_cifar_source(dataset, data_dir, download)
-    if dataset.startswith("folder:"):
-        return load_folder_source(dataset[len("folder:"):], image_size)
-    if dataset.startswith("list:"):
-        return load_list_source(dataset[len("list:"):], image_size)
-    raise LtexpError(f"unknown --dataset {dataset!r}: allowed are digits, cifar10, cifar100, folder:<path>, "
-                     f"list:<root>:<train.txt>,<test.txt> or pack:<file>")
+    """The source a --dataset names (`digits`, `cifar10`, `cifar100`, `folder:<path>`, `list:…`)."""
+    spec = parse_dataset(dataset)
+    if spec.kind not in LOADERS:
+        raise LtexpError(f"--dataset {dataset}: a pack is read whole, with its long tail (ltexp.data.build_dataset)")
+    return LOADERS[spec.kind](spec, data_dir, image_size, download)
