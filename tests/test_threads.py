@@ -73,12 +73,22 @@ def test_pinned_process_uses_its_cpus_only():
 
 
 def test_cli_flag_reaches_torch(clean_env):
-    """`--threads` is applied before the command runs (the command sees torch's count)."""
-    seen = {}
-    clean_env.setattr(cli, "cmd_train", lambda args: seen.setdefault("threads", torch.get_num_threads()) and 0)
+    """`--threads` is applied once the command's settings have passed, before it trains (training
+    sees torch's count)."""
+    from ltexp import experiment
+
+    class Trained(Exception):
+        """Raised where training would start."""
+
+    def train(cfg, progress=True):
+        raise Trained(torch.get_num_threads())
+
+    clean_env.setattr(cli, "preflight", lambda cfg: None)
+    clean_env.setattr(experiment, "run_experiment", train)
     torch.set_num_threads(2)
-    cli.main(["train", "--threads", "1"])
-    assert seen["threads"] == 1
+    with pytest.raises(Trained) as trained:
+        cli.main(["train", "--threads", "1", "--no-progress"])
+    assert trained.value.args == (1,)
 
 
 def test_cli_rejects_zero_threads(clean_env, capsys):
