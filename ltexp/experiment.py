@@ -502,11 +502,13 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         run.set_tags({"ltexp.fusion": chosen})
     metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
     metrics["test_time_s"] = test_time
-    # Summaries at the last epoch's step, so no curve starts with its final value; a single
-    # model's curves already end with its last epoch's loss, lr and times.
+    # A summary whose key has no per-epoch curve on this run is one value at step 0, which MLflow's
+    # chart view draws as a bar per run (a value at a later step reads as a one-point curve); a
+    # single model's curves already end with its last epoch's loss, lr and times, so those keys
+    # get no summary point at all (no curve holds its final value twice or starts with it).
     last_epoch = max(r.epochs_run for r in results)
     curves = set(results[0].history[-1]) if in_parent and results[0].history else set()
-    run.log_metrics({k: v for k, v in metrics.items() if k not in curves}, step=last_epoch)
+    run.log_metrics({k: v for k, v in metrics.items() if k not in curves}, step=0)
     if not in_parent and expert_runs and not shared_run:  # each expert's curves on the parent too
         for spec, result in zip(specs, results):
             run.log_history(result.history, f"__expert_{spec.name}")

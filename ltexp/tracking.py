@@ -463,15 +463,17 @@ class Run:
             mlflow.log_metrics(_finite(metrics), step=step)
 
     def log_batch(self, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
-                  step: int = 0) -> None:
-        """Metrics (at `step`) and tags in one store write (`MlflowClient.log_batch`)."""
+                  step: int = 0, summaries: dict[str, float] | None = None) -> None:
+        """Metrics (at `step`), summaries (at step 0) and tags in one store write
+        (`MlflowClient.log_batch`)."""
         from mlflow.entities import Metric, RunTag
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
+        points = [Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()]
+        points += [Metric(k, v, now, 0) for k, v in _finite(summaries or {}).items()]
         with _writing(f"metrics and tags of run {self.run_id}"):
-            MlflowClient().log_batch(self.run_id,
-                                     metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
+            MlflowClient().log_batch(self.run_id, metrics=points,
                                      tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
 
     def log_history(self, history: list[dict[str, Any]], suffix: str) -> None:

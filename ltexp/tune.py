@@ -299,9 +299,11 @@ class Objective:
             compute += time.perf_counter() - t0
             overhead = self._account(started, compute)
             # One write for the trial's results (metrics and state tag together).
-            run.log_batch(metrics={**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value,
-                                   "trial_time_s": self.trial_s[-1], "overhead_s": overhead},
-                          tags={"ltexp.trial_state": "COMPLETE"}, step=step)  # the last epoch's step, not 0
+            # The final values end the per-epoch curves (the last epoch's step); the trial's times
+            # have no curve, so they sit at step 0 (bars in MLflow's chart view).
+            run.log_batch(metrics={**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value},
+                          tags={"ltexp.trial_state": "COMPLETE"}, step=step,
+                          summaries={"trial_time_s": self.trial_s[-1], "overhead_s": overhead})
             _clear(experts)
         return value
 

@@ -231,6 +231,8 @@ def test_a_trial_is_not_pruned_because_its_first_expert_owns_fewer_classes(mlflo
     curve = MlflowClient().get_metric_history(next(t for t in _runs("trial")
                                                    if t.data.tags["ltexp.trial_number"] == "2").info.run_id, "objective")
     assert min(m.step for m in curve) == 1  # the final objective is the last epoch's point, not a step 0
+    trial_id = next(t for t in _runs("trial") if t.data.tags["ltexp.trial_number"] == "2").info.run_id
+    assert [m.step for m in MlflowClient().get_metric_history(trial_id, "trial_time_s")] == [0]  # no curve: a bar
     per_epoch = {m.step: m.value for m in curve}
     assert per_epoch == pytest.approx(trials[2].intermediate_values)
 
