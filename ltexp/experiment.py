@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import choices, concurrency, lifecycle, plots, tracking, write_error
+from ltexp import choices, concurrency, lifecycle, plots, schema, tracking, write_error
 from ltexp.config import RunConfig, used_settings
 from ltexp.data import ClassInfo, LongTailData, build_dataset
 from ltexp.data.device import DeviceImages, build_augment
@@ -386,7 +386,7 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if prep is None:
-        run.set_tags({"ltexp.device": str(resolve_device(cfg.device))})
+        run.set_tags({schema.DEVICE: str(resolve_device(cfg.device))})
         prep = prepare(cfg)
     data, splits, device = prep.data, prep.splits, prep.device
     log_data_profile(run, data)
@@ -413,7 +413,7 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
             model, result, _ = train_expert(cfg, method, spec, prep, run.log_epoch if in_parent else None,
                                             progress, reusable, ckpt, teacher)
             return model, result, None, ckpt
-        tags = {**tracking.run_tags(cfg, "expert"), "ltexp.expert": spec.name}
+        tags = {**tracking.run_tags(cfg, "expert"), schema.EXPERT: spec.name}
         owned = spec.route_names if spec.role == ROUTER else [data.info.class_names[c] for c in spec.classes]
         with run.child(f"{'expert-' if spec.role == EXPERT else ''}{spec.name}", tags) as child:
             child.log_params({"expert": spec.name, "classes": ",".join(owned), "other": spec.other,
@@ -441,7 +441,7 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     # evaluation (no runs of their own) takes its experts from the study's cache.
     way = concurrency.resolve(cfg.split.expert_concurrency, len(specs)) if expert_runs else choices.SEQUENTIAL
     if len(specs) > 1 and not shared_run:
-        run.set_tags({"ltexp.expert_concurrency": way})
+        run.set_tags({schema.EXPERT_CONCURRENCY: way})
     if way == choices.THREADS:
         trained = concurrency.run_at_once([lambda spec=spec: train_alone(spec) for spec in specs], device,
                                           [spec.name for spec in specs])
@@ -499,7 +499,7 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         log_table = pd.concat([table, pd.DataFrame([oracle_row])], ignore_index=True)
         run.log_table(log_table.drop(columns=["params"]).assign(params=[json.dumps(p) for p in log_table["params"]]),
                       "eval/fusion_rules.csv")
-        run.set_tags({"ltexp.fusion": chosen})
+        run.set_tags({schema.FUSION: chosen})
     metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
     metrics["test_time_s"] = test_time
     # A summary whose key has no per-epoch curve on this run is one value at step 0, which MLflow's

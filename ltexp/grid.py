@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ltexp import LtexpError, redact
+from ltexp import LtexpError, redact, schema
 from ltexp.choices import METHODS
 from ltexp.processes import PARENT_ENV
 from ltexp.config import BOOKKEEPING_FIELDS, RUN_PRESETS, RunConfig, flatten, resolve_config
@@ -191,7 +191,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
     `on_ready` is called once the grid's study and parent run exist (`ltexp grid --jobs N` starts
     its helper workers there, so they join rather than race to create them)."""
     from ltexp import tracking
-    from ltexp.coord.cells import RUN_ID_ATTR, open_cell_queue
+    from ltexp.coord.cells import open_cell_queue
     from ltexp.coord.claim import parent_run_id, record_parent_run
     from ltexp.coord.storage import default_storage
     from ltexp.experiment import execute
@@ -203,7 +203,7 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
     storage_url = grid.storage or default_storage()
     settings = {"cells": [[c.name, c.config_hash] for c in cells], "preset": grid.preset}
     queue, _ = open_cell_queue(storage_url, name, len(cells), settings, grid.heartbeat_s)
-    tags = {"ltexp.grid": name, "ltexp.preset": grid.preset}
+    tags = {schema.GRID: name, schema.PRESET: grid.preset}
     ran, reused, failed = [], [], []
     # One parent run per grid, claimed as a study's is: the first worker opens it, the rest join it.
     with tracking.start_role_run(experiment, name, "grid", tags, parent_run_id(queue.study)) as parent:
@@ -232,29 +232,29 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
                 for run_id in claim.earlier_run_ids:
                     tracking.mark_killed(run_id, f"the worker running grid cell {cell.name} stopped (no heartbeat); "
                                                  f"the cell was handed to another worker")
-                previous = tracking.find_finished_run(experiment_id, "ltexp.config_hash", cell.config_hash)
+                previous = tracking.find_finished_run(experiment_id, schema.CONFIG_HASH, cell.config_hash)
                 if previous is not None:
-                    queue.finish(claim, 0.0, {RUN_ID_ATTR: previous, "ltexp.reused": True})
+                    queue.finish(claim, 0.0, {schema.CELL_RUN_ID: previous, schema.CELL_REUSED: True})
                     reused.append(cell.name)
                     bar.update(queue.counts()["done"], f"{cell.name} already FINISHED (run {previous[:8]})")
                     continue
-                cell_tags = {**tracking.run_tags(cell.cfg, "experiment"), "ltexp.grid": name,
-                             "ltexp.cell": str(cell.index), "ltexp.config_hash": cell.config_hash,
-                             "ltexp.preset": grid.preset, "ltexp.trial_number": str(claim.number)}
+                cell_tags = {**tracking.run_tags(cell.cfg, "experiment"), schema.GRID: name,
+                             schema.CELL: str(cell.index), schema.CONFIG_HASH: cell.config_hash,
+                             schema.PRESET: grid.preset, schema.TRIAL_NUMBER: str(claim.number)}
                 t0 = time.perf_counter()
                 with queue.heartbeat(claim):
                     try:
                         with parent.child(cell.name, cell_tags) as run:
-                            queue.set_attrs(claim, {RUN_ID_ATTR: run.run_id, "ltexp.run_name": cell.name})
+                            queue.set_attrs(claim, {schema.CELL_RUN_ID: run.run_id, schema.CELL_RUN_NAME: cell.name})
                             run.log_config(cell.cfg)
                             result = execute(cell.cfg, run, progress=False)
                     except Exception as exc:  # the cell's run is FAILED with the reason; go on
-                        queue.finish(claim, None, {"ltexp.error": tracking.error_message(exc)}, ok=False)
+                        queue.finish(claim, None, {schema.CELL_ERROR: tracking.error_message(exc)}, ok=False)
                         failed.append(cell.name)
                         bar.update(queue.counts()["done"], f"{cell.name} FAILED: {tracking.error_message(exc)}")
                         continue
                     except BaseException:  # Ctrl-C: the cell goes back to the queue for a later run
-                        queue.finish(claim, None, {"ltexp.error": "interrupted"}, ok=False)
+                        queue.finish(claim, None, {schema.CELL_ERROR: "interrupted"}, ok=False)
                         raise
                 queue.finish(claim, _cell_value(result.metrics), {})
                 ran.append(cell.name)
@@ -266,8 +266,8 @@ def run_grid(grid: GridConfig, fixed: dict[str, dict[str, Any]], device: str = "
         wall = time.perf_counter() - started
         # Each worker adds one value to the worker_* histories (measurements); the cell counts are
         # the grid's state now, tags, so the chart view does not open on bookkeeping.
-        parent.set_tags({"ltexp.cells_total": len(cells), "ltexp.cells_done": counts["done"],
-                         "ltexp.cells_failed": counts["failed"]})
+        parent.set_tags({schema.CELLS_TOTAL: len(cells), schema.CELLS_DONE: counts["done"],
+                         schema.CELLS_FAILED: counts["failed"]})
         parent.log_metrics({"worker_wall_s": wall, "worker_cells_run": len(ran), "worker_cells_reused": len(reused)})
         parent.log_table(cell_table(queue, cells), "grid/cells.csv")
         if counts["failed"]:
@@ -280,7 +280,6 @@ def cell_table(queue, cells: list[Cell]):
     """One row per cell: name, state over all its attempts, its run, attempts, configuration hash."""
     import pandas as pd
 
-    from ltexp.coord.cells import RUN_ID_ATTR
 
     rows = []
     states = queue.cell_states()
@@ -289,9 +288,9 @@ def cell_table(queue, cells: list[Cell]):
         complete = [t for t in trials if t.state.name == "COMPLETE"]
         last = complete[0] if complete else (trials[-1] if trials else None)
         rows.append({"cell": cell.index, "name": cell.name, "state": last.state.name if last else "NONE",
-                     "run_id": (last.user_attrs.get(RUN_ID_ATTR, "") if last else ""),
-                     "reused": bool(last.user_attrs.get("ltexp.reused", False)) if last else False,
-                     "attempts": len([t for t in trials if "ltexp.duplicate_of" not in t.user_attrs]),
+                     "run_id": (last.user_attrs.get(schema.CELL_RUN_ID, "") if last else ""),
+                     "reused": bool(last.user_attrs.get(schema.CELL_REUSED, False)) if last else False,
+                     "attempts": len([t for t in trials if schema.DUPLICATE_OF not in t.user_attrs]),
                      "config_hash": cell.config_hash})
     return pd.DataFrame(rows)
 

@@ -18,6 +18,8 @@ import socket
 import sys
 import time
 
+from ltexp import schema
+
 
 # ---------------------------------------------------------------------------------------------
 # Signals
@@ -173,10 +175,10 @@ def pid_alive(pid: int, started_at: float | None = None) -> bool:
 def process_tags(pid: int | None = None) -> dict[str, str]:
     """The tags by which a sweep recognises this process's runs."""
     pid = os.getpid() if pid is None else pid
-    tags = {"ltexp.host": host(), "ltexp.pid": str(pid), "ltexp.heartbeat": f"{time.time():.0f}"}
+    tags = {schema.HOST: host(), schema.PID: str(pid), schema.HEARTBEAT: f"{time.time():.0f}"}
     started = process_start_time(pid)
     if started is not None:
-        tags["ltexp.pid_start"] = f"{started:.0f}"
+        tags[schema.PID_START] = f"{started:.0f}"
     return tags
 
 
@@ -188,7 +190,7 @@ def stale_reason(tags: dict[str, str], start_time_s: float, older_than_s: float,
     (no `ltexp.pid`): its start is older than `older_than_s`.
     """
     now = time.time() if now is None else now
-    if "ltexp.pid" not in tags or "ltexp.host" not in tags:
+    if schema.PID not in tags or schema.HOST not in tags:
         entry_point = tags.get("mlflow.project.entryPoint")
         if entry_point and now - start_time_s > older_than_s:
             # `mlflow run` made the run, then its environment set-up failed (e.g. no conda
@@ -196,17 +198,17 @@ def stale_reason(tags: dict[str, str], start_time_s: float, older_than_s: float,
             return (f"`mlflow run` of entry point {entry_point!r} never started ltexp in "
                     f"{_ago(now - start_time_s)} (its environment set-up failed or hangs)")
         return None
-    beat = float(tags.get("ltexp.heartbeat") or start_time_s)
-    if tags["ltexp.host"] == host():
-        pid = int(tags["ltexp.pid"])
+    beat = float(tags.get(schema.HEARTBEAT) or start_time_s)
+    if tags[schema.HOST] == host():
+        pid = int(tags[schema.PID])
         if pid == os.getpid():
             return None
-        recorded = float(tags["ltexp.pid_start"]) if tags.get("ltexp.pid_start") else None
+        recorded = float(tags[schema.PID_START]) if tags.get(schema.PID_START) else None
         if not pid_alive(pid, recorded):
-            return f"process {pid} on {tags['ltexp.host']} is gone (last heartbeat {_ago(now - beat)} ago)"
+            return f"process {pid} on {tags[schema.HOST]} is gone (last heartbeat {_ago(now - beat)} ago)"
         return None
     if now - beat > older_than_s:
-        return f"no heartbeat from {tags['ltexp.host']} (pid {tags['ltexp.pid']}) for {_ago(now - beat)}"
+        return f"no heartbeat from {tags[schema.HOST]} (pid {tags[schema.PID]}) for {_ago(now - beat)}"
     return None
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ltexp import LtexpError
+from ltexp import LtexpError, schema
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"   # the paper's (`--preset paper`)
 FIELD_RESULTS = Path(__file__).resolve().parent / "field_results.csv"   # the field's (`--preset field`)
@@ -507,7 +507,7 @@ def build_report(experiment: str, filter_string: str = "", output_dir: str | Pat
 
     run_id = None
     if log_run:
-        with tracking.start_role_run(experiment, "report", "report", {"ltexp.report_filter": filter_string[:5000]}) as run:
+        with tracking.start_role_run(experiment, "report", "report", {schema.REPORT_FILTER: filter_string[:5000]}) as run:
             run.log_params({"experiment": experiment, "filter": filter_string or "(none)", "runs": len(runs),
                             "groups": len(summary)})
             tracking.log_artifacts(out, "report")

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import ltexp  # noqa: E402
+from ltexp import schema  # noqa: E402
 from ltexp.processes import interrupt_reason, process_tags, stale_reason  # noqa: E402
 from ltexp.stores import install_sqlite_settings  # noqa: E402
 
@@ -44,12 +45,7 @@ if TYPE_CHECKING:
 # SQLite stores in WAL mode: ~20 ms less per logged value on a disk (see ltexp/stores.py).
 install_sqlite_settings()
 
-ERROR_TAG = "ltexp.error"
-HEARTBEAT_TAG = "ltexp.heartbeat"
 HEARTBEAT_S = 10.0  # least seconds between two heartbeat writes of one run
-RESUMED_BY_TAG = "ltexp.resumed_by"
-RESUMED_FROM_TAG = "ltexp.resumed_from"
-MODEL_URI_TAG = "ltexp.model_uri"
 # What a fresh environment needs to load and serve the model (ltexp itself travels as code).
 MODEL_REQUIREMENTS = ["torch>=2.4,<3", "numpy>=1.24", "pandas>=2", "pillow>=9", "mlflow>=3.7,<4"]
 # `mlflow run` logs entry-point parameters before our process starts; a parameter left at
@@ -76,25 +72,25 @@ def git_commit() -> str | None:
 def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     """The tags every run carries (docs/records.md, "What a run records")."""
     tags = {
-        "ltexp.method": cfg.method.method,
-        "ltexp.dataset": cfg.data.dataset,
-        "ltexp.data_name": cfg.data.short_name,
-        "ltexp.imb_type": cfg.data.imb_type,
-        "ltexp.imb_factor": str(cfg.data.imb_factor),
-        "ltexp.seed": str(cfg.seed),
-        "ltexp.version": ltexp.__version__,
-        "ltexp.role": role,
+        schema.METHOD: cfg.method.method,
+        schema.DATASET: cfg.data.dataset,
+        schema.DATA_NAME: cfg.data.short_name,
+        schema.IMB_TYPE: cfg.data.imb_type,
+        schema.IMB_FACTOR: str(cfg.data.imb_factor),
+        schema.SEED: str(cfg.seed),
+        schema.VERSION: ltexp.__version__,
+        schema.ROLE: role,
     }
     commit = git_commit()
     if commit:
-        tags["ltexp.git_commit"] = commit
+        tags[schema.GIT_COMMIT] = commit
     from ltexp.data.pack import pack_meta, pack_path
 
     packed = pack_path(cfg.data.dataset)
     if packed is not None:  # which images, whatever the file is called or where it lies
         meta = pack_meta(packed)
-        tags.update({"ltexp.pack_sha256": meta["sha256"], "ltexp.pack_source": meta["source"],
-                     "ltexp.data_name": meta["name"]})  # the images' name, e.g. folder:cifar10
+        tags.update({schema.PACK_SHA256: meta["sha256"], schema.PACK_SOURCE: meta["source"],
+                     schema.DATA_NAME: meta["name"]})  # the images' name, e.g. folder:cifar10
     return tags
 
 
@@ -314,7 +310,7 @@ def _abandoned(run: "Run", exc: StoreUnreachable, active: bool) -> StoreUnreacha
         flush()  # what is still queued fails at once now (MLflow's queue logs nothing: see above)
         if active:
             try:
-                mlflow.set_tag(ERROR_TAG, f"tracking server stopped answering: {exc.detail}"[:5000])
+                mlflow.set_tag(schema.ERROR, f"tracking server stopped answering: {exc.detail}"[:5000])
                 marked = True
             except Exception:
                 pass
@@ -456,7 +452,7 @@ class Run:
         for run_id in filter(None, (self.run_id, self.parent_id)):
             what = f"the heartbeat of run {run_id}"
             with _writing(what):
-                self._queue(what, client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}", synchronous=self.synchronous))
+                self._queue(what, client.set_tag(run_id, schema.HEARTBEAT, f"{now:.0f}", synchronous=self.synchronous))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         with _writing(f"metrics of run {self.run_id}"):
@@ -539,7 +535,7 @@ class Run:
         )
         with _writing(f"the model of run {self.run_id}", self.run.info.artifact_uri):
             info = self._log_pyfunc(package_dir, predictor_dir, signature, input_example)
-        self.set_tags({MODEL_URI_TAG: info.model_uri})
+        self.set_tags({schema.MODEL_URI: info.model_uri})
         return info.model_uri
 
     @staticmethod
@@ -577,7 +573,7 @@ def _guarded(active: mlflow.ActiveRun) -> Iterator[Run]:
         flush()
         try:
             if run.status == "FINISHED":  # a status chosen on purpose (pruned trial) is not an error
-                mlflow.set_tag(ERROR_TAG, error_message(exc))
+                mlflow.set_tag(schema.ERROR, error_message(exc))
         except Exception:
             pass  # the store refuses writes: the error below says why, the run stays RUNNING
         try:  # MLflow leaves the run (its active-run stack) before it writes the status
@@ -628,8 +624,8 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
             # Nested trial runs are created in the active experiment: make it the parent's (else
             # they land in Default, where a team server's users may not write).
             mlflow.set_experiment(experiment_id=previous.info.experiment_id)
-            if ERROR_TAG in previous.data.tags:  # e.g. closed by a sweep when its worker died: it goes on
-                MlflowClient().delete_tag(run_id, ERROR_TAG)
+            if schema.ERROR in previous.data.tags:  # e.g. closed by a sweep when its worker died: it goes on
+                MlflowClient().delete_tag(run_id, schema.ERROR)
         except mlflow.exceptions.MlflowException:
             run_id = None  # the study outlived its tracking store: start a new parent run
     if run_id is None:
@@ -640,7 +636,7 @@ def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None)
         if launched:  # `mlflow run` gave the run a random name
             MlflowClient().update_run(run.run_id, name=cfg.tracking.run_name or default_run_name(cfg, "tune"))
 
-        mlflow.set_tags({**run_tags(cfg, "tune"), "ltexp.study_name": study_name, **process_tags()})
+        mlflow.set_tags({**run_tags(cfg, "tune"), schema.STUDY_NAME: study_name, **process_tags()})
         yield run
 
 
@@ -669,7 +665,7 @@ def fail_existing_run(reason: str) -> None:
     if not run_id:
         return
     client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_tag(run_id, schema.ERROR, reason[:5000])
     client.set_terminated(run_id, "FAILED")
 
 
@@ -687,12 +683,12 @@ def register_model(run_id: str, name: str, alias: str = "candidate", extra: dict
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise LtexpError(f"--run-id {run_id!r} is not a run in {mlflow.get_tracking_uri()}") from None
-    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    model_uri = run.data.tags.get(schema.MODEL_URI)
     if not model_uri:
         raise LtexpError(f"run {run_id} has no ltexp model (status {run.info.status}): train it to the end first")
-    tags = {k: v for k, v in run.data.tags.items() if k.startswith("ltexp.") and k not in (MODEL_URI_TAG, ERROR_TAG)}
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("ltexp.") and k not in (schema.MODEL_URI, schema.ERROR)}
     tags.update({f"ltexp.{k}": f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test_")})
-    tags["ltexp.run_id"] = run_id
+    tags[schema.RUN_ID] = run_id
     version = mlflow.register_model(model_uri, name, tags={**tags, **(extra or {})})
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
@@ -715,11 +711,11 @@ def _validation_figure(client: MlflowClient, version, metric: str, data_key: str
     measured on other data or not at all. A tuned version carries its figure as tags; a version
     registered by hand (`ltexp register`) has it in its run's metrics and params."""
     tags = version.tags
-    if "ltexp.val_metric_value" in tags:
-        same = tags.get("ltexp.data_config") == data_key and tags.get("ltexp.val_metric") == metric
-        return float(tags["ltexp.val_metric_value"]) if same else None
+    if schema.VAL_METRIC_VALUE in tags:
+        same = tags.get(schema.DATA_CONFIG) == data_key and tags.get(schema.VAL_METRIC) == metric
+        return float(tags[schema.VAL_METRIC_VALUE]) if same else None
     try:
-        run = client.get_run(tags.get("ltexp.run_id") or version.run_id)
+        run = client.get_run(tags.get(schema.RUN_ID) or version.run_id)
     except (mlflow.exceptions.MlflowException, TypeError):
         return None
     settings = {**run.data.params, **{k.removeprefix("ltexp."): v for k, v in run.data.tags.items()}}
@@ -753,7 +749,7 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
     client = MlflowClient()
     old_candidate = _alias_holder(client, name, "candidate")
     # The figure is part of the registration: a worker deciding beside this one reads it at once.
-    judged_on = {"ltexp.val_metric": metric, "ltexp.val_metric_value": repr(float(value)), "ltexp.data_config": data_key}
+    judged_on = {schema.VAL_METRIC: metric, schema.VAL_METRIC_VALUE: repr(float(value)), schema.DATA_CONFIG: data_key}
     version = register_model(run_id, name, "candidate", extra=judged_on)
     tags: dict[str, str] = {}
     champion = _alias_holder(client, name, "champion")
@@ -769,22 +765,22 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
                                         f">= {value:.6g} on the same data")
         else:
             promote, decision = True, f"v{version} is now @champion ({metric} {value:.6g}; no champion before)"
-    elif champion.tags.get("ltexp.data_config") != data_key or champion.tags.get("ltexp.val_metric") != metric:
+    elif champion.tags.get(schema.DATA_CONFIG) != data_key or champion.tags.get(schema.VAL_METRIC) != metric:
         promote, decision = False, (f"kept champion v{champion.version}: it was chosen on "
-                                    f"{champion.tags.get('ltexp.data_config')} / {champion.tags.get('ltexp.val_metric')}, "
+                                    f"{champion.tags.get(schema.DATA_CONFIG)} / {champion.tags.get(schema.VAL_METRIC)}, "
                                     f"not comparable with {data_key} / {metric}")
     else:
-        old = float(champion.tags["ltexp.val_metric_value"])
+        old = float(champion.tags[schema.VAL_METRIC_VALUE])
         promote = value > old
         decision = (f"v{version} is now @champion ({metric} {value:.6g}; previous champion v{champion.version}, "
                     f"{old:.6g})" if promote else
                     f"kept champion v{champion.version}: {metric} {value:.6g} <= {old:.6g}")
     compared = champion or (rival[0] if rival else None)
     if compared is not None:
-        tags["ltexp.compared_to_version"] = str(compared.version)
-    if old_candidate is not None and "ltexp.val_metric_value" not in old_candidate.tags:
+        tags[schema.COMPARED_TO] = str(compared.version)
+    if old_candidate is not None and schema.VAL_METRIC_VALUE not in old_candidate.tags:
         decision += f"; @candidate moved from v{old_candidate.version}, which ltexp tune had not set"
-    tags["ltexp.promotion"] = decision
+    tags[schema.PROMOTION] = decision
     # Tagged before the alias moves: a worker that settles the alias reads every crowned decision.
     for key, val in tags.items():
         client.set_model_version_tag(name, str(version), key, val)
@@ -796,8 +792,8 @@ def register_and_promote(run_id: str, name: str, metric: str, value: float, data
         if better is not None:
             promote = False
             decision += (f"; then v{better.version}, crowned beside it with {metric} "
-                         f"{float(better.tags['ltexp.val_metric_value']):.6g}, ranks above it and holds @champion")
-            client.set_model_version_tag(name, str(version), "ltexp.promotion", decision)
+                         f"{float(better.tags[schema.VAL_METRIC_VALUE]):.6g}, ranks above it and holds @champion")
+            client.set_model_version_tag(name, str(version), schema.PROMOTION, decision)
     return version, promote, decision
 
 
@@ -820,12 +816,12 @@ def _settle_champion(client: MlflowClient, name: str, version: int, metric: str,
     (mine,) = [v for v in versions if int(v.version) == version]
     beside = [v for v in versions if int(v.version) != version
               and abs(v.creation_timestamp - mine.creation_timestamp) <= SETTLE_WINDOW_S * 1000
-              and v.tags.get("ltexp.promotion", "").startswith(f"v{v.version} is now @champion")
-              and v.tags.get("ltexp.data_config") == data_key and v.tags.get("ltexp.val_metric") == metric]
-    above = [v for v in beside if _ranks_above(float(v.tags["ltexp.val_metric_value"]), int(v.version), value, version)]
+              and v.tags.get(schema.PROMOTION, "").startswith(f"v{v.version} is now @champion")
+              and v.tags.get(schema.DATA_CONFIG) == data_key and v.tags.get(schema.VAL_METRIC) == metric]
+    above = [v for v in beside if _ranks_above(float(v.tags[schema.VAL_METRIC_VALUE]), int(v.version), value, version)]
     if not above:
         return None
-    best = max(above, key=lambda v: (float(v.tags["ltexp.val_metric_value"]), -int(v.version)))
+    best = max(above, key=lambda v: (float(v.tags[schema.VAL_METRIC_VALUE]), -int(v.version)))
     client.set_registered_model_alias(name, "champion", str(best.version))
     return best
 
@@ -1109,7 +1105,7 @@ def running_runs(ids: list[str]) -> list[dict]:
 def close_run(run_id: str, status: str, reason: str) -> None:
     """End a run of another (dead) process with `status`, the reason in `ltexp.error`."""
     client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_tag(run_id, schema.ERROR, reason[:5000])
     client.set_terminated(run_id, status)
 
 
@@ -1130,13 +1126,13 @@ def link_resumed(old_run_id: str, new_run_id: str) -> None:
             old = client.get_run(old_run_id)
         except mlflow.exceptions.MlflowException:
             return  # another store, or deleted: nothing to close
-        if old.data.tags.get(RESUMED_BY_TAG) == new_run_id:
+        if old.data.tags.get(schema.RESUMED_BY) == new_run_id:
             return  # linked already, by another expert of the same run
-        client.set_tag(old_run_id, RESUMED_BY_TAG, new_run_id)
+        client.set_tag(old_run_id, schema.RESUMED_BY, new_run_id)
         if old.info.status == "RUNNING":
-            client.set_tag(old_run_id, ERROR_TAG, f"interrupted; training continued by run {new_run_id}")
+            client.set_tag(old_run_id, schema.ERROR, f"interrupted; training continued by run {new_run_id}")
             client.set_terminated(old_run_id, "KILLED")
-        client.set_tag(new_run_id, RESUMED_FROM_TAG, old_run_id)
+        client.set_tag(new_run_id, schema.RESUMED_FROM, old_run_id)
 
 
 # --- Reading runs back and the grid / report runs (`ltexp grid`, `ltexp report`) ---------------
@@ -1176,7 +1172,7 @@ def mark_killed(run_id: str, reason: str) -> bool:
             return False
     except mlflow.exceptions.MlflowException:
         return False
-    client.set_tag(run_id, ERROR_TAG, reason[:5000])
+    client.set_tag(run_id, schema.ERROR, reason[:5000])
     client.set_terminated(run_id, "KILLED")
     return True
 
@@ -1215,8 +1211,8 @@ def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, st
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
     with _guarded(active) as run:
         commit = git_commit()
-        mlflow.set_tags({"ltexp.role": role, "ltexp.version": ltexp.__version__, **tags,
-                         **({"ltexp.git_commit": commit} if commit else {})})
+        mlflow.set_tags({schema.ROLE: role, schema.VERSION: ltexp.__version__, **tags,
+                         **({schema.GIT_COMMIT: commit} if commit else {})})
         yield run
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 import torch
 
-from ltexp import LtexpError, lifecycle, processes, redact, tracking
+from ltexp import LtexpError, lifecycle, processes, redact, schema, tracking
 from ltexp.choices import COMPILE_NONE, FUSIONS, NEEDS_OTHER, NEEDS_ROUTER, SEQUENTIAL
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.data.sources import parse_dataset
@@ -228,8 +228,8 @@ class Objective:
         started = time.perf_counter()
         compute = 0.0
         cfg = apply(self.base, self.space.suggest(trial))
-        tags = {**tracking.run_tags(cfg, "trial"), "ltexp.trial_number": str(trial.number),
-                "ltexp.torch_threads": str(torch.get_num_threads())}
+        tags = {**tracking.run_tags(cfg, "trial"), schema.TRIAL_NUMBER: str(trial.number),
+                schema.TORCH_THREADS: str(torch.get_num_threads())}
         with self.parent.child(f"trial-{trial.number}", tags) as run:
             run.log_params({**{k: str(v) for k, v in trial.params.items()}, "trial_number": trial.number},
                            synchronous=False)
@@ -284,10 +284,10 @@ class Objective:
             except KeyboardInterrupt:
                 # Ctrl-C / SIGTERM: Optuna fails the trial; queue its parameters so the next session
                 # runs it first and its experts continue from their checkpoints.
-                trial.study.enqueue_trial(trial.params, user_attrs={"ltexp.retry_of": trial.number})
+                trial.study.enqueue_trial(trial.params, user_attrs={schema.RETRY_OF: trial.number})
                 raise
             except optuna.TrialPruned:
-                run.set_tags({"ltexp.trial_state": "PRUNED"})
+                run.set_tags({schema.TRIAL_STATE: "PRUNED"})
                 run.status = "KILLED"
                 self._account(started, compute)
                 _clear(experts)
@@ -302,7 +302,7 @@ class Objective:
             # The final values end the per-epoch curves (the last epoch's step); the trial's times
             # have no curve, so they sit at step 0 (bars in MLflow's chart view).
             run.log_batch(metrics={**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value},
-                          tags={"ltexp.trial_state": "COMPLETE"}, step=step,
+                          tags={schema.TRIAL_STATE: "COMPLETE"}, step=step,
                           summaries={"trial_time_s": self.trial_s[-1], "overhead_s": overhead})
             _clear(experts)
         return value
@@ -378,14 +378,14 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise LtexpError(f"study {study_name!r} exists with direction {study.direction.name.lower()}; ltexp maximises "
                          f"a validation metric: choose another --study-name")
-    saved = study.user_attrs.get("ltexp.search_space")
+    saved = study.user_attrs.get(schema.SEARCH_SPACE)
     settings = {"search_space": description, "metric": tune.metric, "data": base.data.__dict__,
                 "model": base.model.model}
     if saved is not None and saved != json.loads(json.dumps(settings, default=str)):
         raise LtexpError(f"study {study_name!r} exists with another search space, metric or data: choose another "
                          f"--study-name (saved: {json.dumps(saved)[:200]})")
     if saved is None:
-        study.set_user_attr("ltexp.search_space", json.loads(json.dumps(settings, default=str)))
+        study.set_user_attr(schema.SEARCH_SPACE, json.loads(json.dumps(settings, default=str)))
     _set_sampler(study, tune.sampler, base.seed, storage_url)
 
     # Several jobs share their trained experts through a folder, removed when the study ends.
@@ -400,8 +400,8 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         # --jobs N: this process and N-1 helper processes each take an equal share of its threads.
         threads = job_threads(torch.get_num_threads(), tune.jobs)
         torch.set_num_threads(threads)
-        parent.set_tags({"ltexp.jobs": str(tune.jobs), "ltexp.torch_threads": str(threads),
-                         "ltexp.device": str(prep.device)})
+        parent.set_tags({schema.JOBS: str(tune.jobs), schema.TORCH_THREADS: str(threads),
+                         schema.DEVICE: str(prep.device)})
         objective = Objective(base, space, terms, prep, parent, cache=ExpertCache(directory=shared))
         budget = TrialBudget(study, storage, storage_url, tune.n_trials)
         reporter = TrialReporter(study, tune.n_trials, tune.metric, progress)
@@ -447,8 +447,8 @@ def run_study(base: RunConfig, tune: TuneConfig, progress: bool = True) -> TuneR
         # Tags, not params: the best trial changes as the study goes on, and several sessions or
         # workers write this one parent run (params are immutable; concurrent workers collided).
         parent.set_tags({f"ltexp.best.{k}": str(v) for k, v in best.params.items()}
-                        | {"ltexp.best.trial_number": str(best.number), "ltexp.best.split_at": best_cfg.split.split_at,
-                           "ltexp.best.fusion": best_cfg.split.fusion, "ltexp.best.clip_norm": str(best_cfg.optim.clip_norm)})
+                        | {schema.BEST_TRIAL: str(best.number), schema.BEST_SPLIT_AT: best_cfg.split.split_at,
+                           schema.BEST_FUSION: best_cfg.split.fusion, schema.BEST_CLIP_NORM: str(best_cfg.optim.clip_norm)})
         result = execute(best_cfg, parent, prep, cache=objective.cache, expert_runs=False, shared_run=True)
         # Counted after the test evaluation, whose experts come from the cache too: what is printed.
         # Every job's experts: this process's and its helpers'.

@@ -217,7 +217,8 @@ def test_two_workers_share_one_postgres_storage_and_run_every_cell_once(postgres
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp_path, kind):
-    from ltexp.coord.cells import RUN_ID_ATTR, open_cell_queue
+    from ltexp import schema
+    from ltexp.coord.cells import open_cell_queue
 
     url = str(tmp_path / "grid.log") if kind == "journal" else f"sqlite:///{tmp_path / 'grid.db'}"
     a, created_a = open_cell_queue(url, "q", 3, {"cells": [1, 2, 3]}, heartbeat_s=1)
@@ -225,7 +226,7 @@ def test_cell_queue_hands_each_cell_out_once_and_retries_a_dead_workers_cell(tmp
     assert created_a and not created_b
     held_by_a, held_by_b = a.claim(), b.claim()
     assert (held_by_a.cell, held_by_b.cell) == (0, 1)  # one cell each, lowest first
-    a.set_attrs(held_by_a, {RUN_ID_ATTR: "run-of-the-dead-worker"})
+    a.set_attrs(held_by_a, {schema.CELL_RUN_ID: "run-of-the-dead-worker"})
     assert b.finish(held_by_b, 0.5, {})
     time.sleep(3.5)  # worker a is dead: no beat for more than 2 x 1 s (sqlite's clock has 1 s steps)
     third = b.claim()  # fails a's stale cell and puts it back behind cell 2

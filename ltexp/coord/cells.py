@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from ltexp import LtexpError
+from ltexp import LtexpError, schema
 from ltexp.coord.storage import flock, open_storage, sqlite_lock_path
 
 # --- The grid's work queue (`ltexp grid`): cells handed out through the same Optuna storages -----
@@ -26,10 +26,6 @@ from ltexp.coord.storage import flock, open_storage, sqlite_lock_path
 # with the heartbeat kept as a trial attribute), so a killed worker's cell is re-run, not lost.
 
 CELL_PARAM = "cell"
-RUN_ID_ATTR = "ltexp.run_id"
-_HEARTBEAT_ATTR = "ltexp.heartbeat"  # unix seconds; journal storages only (RDB ones have a table)
-_READY_ATTR = "ltexp.cells"           # set once every cell is enqueued
-_SETTINGS_ATTR = "ltexp.grid"
 _JOURNAL_MAX_RETRY = 2                # as open_storage's RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
@@ -133,17 +129,17 @@ class CellQueue:
             return
         now = time.time()
         for t in self.trials():
-            beat = t.user_attrs.get(_HEARTBEAT_ATTR)
+            beat = t.user_attrs.get(schema.CELL_HEARTBEAT)
             if t.state != optuna.trial.TrialState.RUNNING or beat is None or now - beat <= 2 * self.heartbeat_s:
                 continue
             try:
                 failed = self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 failed = False  # another worker got there first
-            history = list(t.user_attrs.get("ltexp.retry_history", []))
+            history = list(t.user_attrs.get(schema.RETRY_HISTORY, []))
             if failed and len(history) < _JOURNAL_MAX_RETRY:
-                attrs = {k: v for k, v in t.user_attrs.items() if k != _HEARTBEAT_ATTR}
-                self._enqueue(int(t.params[CELL_PARAM]), {**attrs, "ltexp.retry_history": history + [t.number]})
+                attrs = {k: v for k, v in t.user_attrs.items() if k != schema.CELL_HEARTBEAT}
+                self._enqueue(int(t.params[CELL_PARAM]), {**attrs, schema.RETRY_HISTORY: history + [t.number]})
 
     def claim(self) -> CellClaim | None:
         """Take the lowest-numbered WAITING cell (None when there is none).
@@ -172,13 +168,13 @@ class CellQueue:
             first = next((s for s in siblings if s.state == optuna.trial.TrialState.COMPLETE or
                           (s.state == optuna.trial.TrialState.RUNNING and s.number < t.number)), None)
             if first is not None:
-                self.storage.set_trial_user_attr(t._trial_id, "ltexp.duplicate_of", first.number)
+                self.storage.set_trial_user_attr(t._trial_id, schema.DUPLICATE_OF, first.number)
                 self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.PRUNED)
                 continue
-            earlier = [s.user_attrs[RUN_ID_ATTR] for s in siblings
-                       if s.state == optuna.trial.TrialState.FAIL and RUN_ID_ATTR in s.user_attrs]
-            if RUN_ID_ATTR in t.user_attrs:  # inherited from the attempt this trial retries
-                earlier.append(t.user_attrs[RUN_ID_ATTR])
+            earlier = [s.user_attrs[schema.CELL_RUN_ID] for s in siblings
+                       if s.state == optuna.trial.TrialState.FAIL and schema.CELL_RUN_ID in s.user_attrs]
+            if schema.CELL_RUN_ID in t.user_attrs:  # inherited from the attempt this trial retries
+                earlier.append(t.user_attrs[schema.CELL_RUN_ID])
             return CellClaim(t._trial_id, t.number, cell, sorted(set(earlier)))
         return None
 
@@ -187,7 +183,7 @@ class CellQueue:
         if self.native_heartbeat:
             self.storage.record_heartbeat(trial_id)
         else:
-            self.storage.set_trial_user_attr(trial_id, _HEARTBEAT_ATTR, time.time())
+            self.storage.set_trial_user_attr(trial_id, schema.CELL_HEARTBEAT, time.time())
 
     def heartbeat(self, claim: CellClaim):
         """A context manager beating for `claim` every `heartbeat_s` seconds in a thread."""
@@ -263,21 +259,21 @@ def open_cell_queue(storage_url: str, name: str, n_cells: int, settings: dict, h
                          f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
     queue = CellQueue(study, storage, n_cells, heartbeat_s, sqlite_lock_path(storage_url))
     if created:
-        study.set_user_attr(_SETTINGS_ATTR, settings)
+        study.set_user_attr(schema.GRID_SETTINGS, settings)
         for cell in range(n_cells):
             queue._enqueue(cell)
-        study.set_user_attr(_READY_ATTR, n_cells)
+        study.set_user_attr(schema.CELLS_READY, n_cells)
         return queue, True
     deadline = time.monotonic() + wait_s
-    while _READY_ATTR not in study.user_attrs and time.monotonic() < deadline:
+    while schema.CELLS_READY not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
-    saved = study.user_attrs.get(_SETTINGS_ATTR)
+    saved = study.user_attrs.get(schema.GRID_SETTINGS)
     if saved is not None and saved != settings:
         raise LtexpError(f"grid {name!r} exists in {storage_url} with other cells or settings: choose "
                          f"another --grid-name (or leave it empty to name the grid after its settings)")
     if saved is None:
-        study.set_user_attr(_SETTINGS_ATTR, settings)
-    if _READY_ATTR not in study.user_attrs:  # the creator died while enqueueing: repair
+        study.set_user_attr(schema.GRID_SETTINGS, settings)
+    if schema.CELLS_READY not in study.user_attrs:  # the creator died while enqueueing: repair
         queue.requeue_unfinished()
-        study.set_user_attr(_READY_ATTR, n_cells)
+        study.set_user_attr(schema.CELLS_READY, n_cells)
     return queue, False

@@ -7,7 +7,7 @@ import uuid
 
 import optuna
 
-PARENT_RUN_ATTR = "ltexp.mlflow_run_id"
+from ltexp import schema
 
 
 def parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 300.0) -> str | None:
@@ -18,26 +18,26 @@ def parent_run_id(study: optuna.Study, grace_s: float = 1.0, wait_s: float = 300
     `grace_s` (the last writer wins, and every worker sees the same winner), and only the
     winner creates the run; the others wait for its run id (at most `wait_s`, then create their own).
     """
-    value = study.user_attrs.get(PARENT_RUN_ATTR)
+    value = study.user_attrs.get(schema.MLFLOW_RUN_ID)
     if value is None:
         token = f"claim:{uuid.uuid4().hex}"
-        study.set_user_attr(PARENT_RUN_ATTR, token)
+        study.set_user_attr(schema.MLFLOW_RUN_ID, token)
         time.sleep(grace_s)
-        value = study.user_attrs.get(PARENT_RUN_ATTR)
+        value = study.user_attrs.get(schema.MLFLOW_RUN_ID)
         if value == token:
             return None
     deadline = time.monotonic() + wait_s
     while value.startswith("claim:") and time.monotonic() < deadline:
         time.sleep(1.0)
-        value = study.user_attrs.get(PARENT_RUN_ATTR)
+        value = study.user_attrs.get(schema.MLFLOW_RUN_ID)
     return None if value.startswith("claim:") else value
 
 
 def record_parent_run(study: optuna.Study, run_id: str) -> bool:
     """Publish the parent run this worker opened (the claim's winner, or a worker that waited in
     vain), unless the study already names one; True when this call published it."""
-    recorded = study.user_attrs.get(PARENT_RUN_ATTR)
+    recorded = study.user_attrs.get(schema.MLFLOW_RUN_ID)
     if recorded is None or recorded.startswith("claim:"):
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        study.set_user_attr(schema.MLFLOW_RUN_ID, run_id)
         return True
     return False
