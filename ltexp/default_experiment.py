@@ -9,7 +9,7 @@ local folder with an MLproject named `ltexp`, and names experiment `ltexp` (crea
 
 MLflow loads the provider while `mlflow` itself is being imported, in every process that imports
 it: this module imports neither mlflow nor torch, and `in_context` costs a dictionary lookup
-outside `mlflow run`. MLflow calls stay in ltexp/tracking.py.
+outside `mlflow run`. MLflow calls stay in the ltexp/tracking package.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ A killed run must cost neither its training nor the truth of its record:
   runs again. Restoring every RNG makes the resumed run end bit-identical on CPU.
 
 Signals, launchers and which process runs a run live in the torch-free `processes.py`; the
-sweep of dead runs in `tracking.py`.
+sweep of dead runs in `tracking/history.py`.
 """
 
 from __future__ import annotations

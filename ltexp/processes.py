@@ -7,7 +7,7 @@ Torch-free, so the CLI installs its handlers before anything heavy is imported:
   or as a helper of `ltexp grid --jobs N`, a SIGTERM that ends the launcher reaches ltexp too
   (`follow_launcher`).
 - Every run carries `ltexp.host`, `ltexp.pid` and a per-epoch `ltexp.heartbeat` (`process_tags`);
-  `stale_reason` says why a RUNNING run's process is gone, for the sweep in `tracking.py`.
+  `stale_reason` says why a RUNNING run's process is gone, for the sweep in `tracking/history.py`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ artifact `predictor` is a `FusedPredictor.save` folder (expert weights, class na
 normalisation, fusion rule and its fitted parameters). The ltexp package travels with the model
 as a code path, so `mlflow models serve --env-manager local` needs no ltexp install.
 
-Besides tracking.py, this is the one module that imports mlflow: MLflow's model-from-code
-contract requires it.
+Besides the ltexp/tracking package, this is the one module that imports mlflow: MLflow's
+model-from-code contract requires it.
 """
 
 from __future__ import annotations

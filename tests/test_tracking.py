@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ltexp import tracking
-from ltexp.tracking import as_logged
+from ltexp.tracking import as_logged, registry
 
 
 def test_a_float32_value_is_stored_as_its_shortest_decimal_and_float64_passes_unchanged():
@@ -66,7 +66,7 @@ def test_tuning_never_crowns_a_version_worse_than_one_registered_by_hand_and_say
     assert (version, promoted) == (2, False)
     assert decision == (f"not made @champion: v1 has val_acc {by_hand:.6g} >= {by_hand - 0.1:.6g} on the same data; "
                         "@candidate moved from v1, which ltexp tune had not set")
-    assert tracking._alias_holder(client, name, "champion") is None
+    assert registry._alias_holder(client, name, "champion") is None
     assert client.get_model_version(name, "2").tags["ltexp.compared_to_version"] == "1"
 
     # Better than every version on the same data: crowned, with the figures it was judged on.
@@ -77,7 +77,7 @@ def test_tuning_never_crowns_a_version_worse_than_one_registered_by_hand_and_say
     assert (version, promoted) == (4, True)
     assert decision == (f"v4 is now @champion (val_acc {by_hand + 0.1:.6g}; previous champion v3, "
                         f"{by_hand + 0.05:.6g})")
-    assert int(tracking._alias_holder(client, name, "previous").version) == 3
+    assert int(registry._alias_holder(client, name, "previous").version) == 3
 
 
 
@@ -93,7 +93,7 @@ def test_two_workers_registering_the_same_best_trial_at_once_crown_exactly_one(t
     client = MlflowClient()
     name, run_id, data_key = "ltexp-digits", trained_run.info.run_id, _data_key(trained_run)
     value = trained_run.data.metrics["val_acc"]  # the figure each reads from the other's run, too
-    real_holder = tracking._alias_holder
+    real_holder = registry._alias_holder
     second: list = []
 
     def holder_after_the_other_worker_registered(client, model, alias):
@@ -102,7 +102,7 @@ def test_two_workers_registering_the_same_best_trial_at_once_crown_exactly_one(t
             second[0] = tracking.register_and_promote(run_id, name, "val_acc", value, data_key)
         return real_holder(client, model, alias)
 
-    monkeypatch.setattr(tracking, "_alias_holder", holder_after_the_other_worker_registered)
+    monkeypatch.setattr(registry, "_alias_holder", holder_after_the_other_worker_registered)
     first = tracking.register_and_promote(run_id, name, "val_acc", value, data_key)
     assert second[0][:2] == (2, False) and first[:2] == (1, True)
     assert second[0][2] == f"not made @champion: v1 has val_acc {value:.6g} >= {value:.6g} on the same data"
@@ -131,7 +131,7 @@ def test_a_worker_that_crowned_on_a_stale_view_hands_the_champion_to_the_better_
     assert (version, promoted) == (1, False)
     assert decision == (f"v1 is now @champion (val_acc {worse:.6g}; no champion before); then v2, crowned beside "
                         f"it with val_acc {better:.6g}, ranks above it and holds @champion")
-    assert int(tracking._alias_holder(client, name, "champion").version) == 2
+    assert int(registry._alias_holder(client, name, "champion").version) == 2
     assert client.get_model_version(name, "1").tags["ltexp.promotion"] == decision
 
 
@@ -144,10 +144,10 @@ def test_a_champion_moved_back_by_hand_stays_when_a_later_tune_settles(trained_r
     assert tracking.register_and_promote(run_id, name, "val_acc", base + 0.05, data_key)[:2] == (1, True)
     assert tracking.register_and_promote(run_id, name, "val_acc", base + 0.2, data_key)[:2] == (2, True)
     client.set_registered_model_alias(name, "champion", "1")   # v2 misbehaved in production: rolled back
-    monkeypatch.setattr(tracking, "SETTLE_WINDOW_S", -1)       # as if v2 had been crowned long before
+    monkeypatch.setattr(registry, "SETTLE_WINDOW_S", -1)       # as if v2 had been crowned long before
     version, promoted, decision = tracking.register_and_promote(run_id, name, "val_acc", base + 0.1, data_key)
     assert (version, promoted) == (3, True) and "ranks above" not in decision
-    assert int(tracking._alias_holder(client, name, "champion").version) == 3
+    assert int(registry._alias_holder(client, name, "champion").version) == 3
 
 
 # A run whose store stops growing in the middle (a disk filling up under it, lowered here as the
