@@ -1,7 +1,7 @@
 """The study matrix (`ltexp grid`): data sets x imbalance profiles x factors x seeds x methods.
 
 Each cell is an ordinary experiment run (`experiment.execute` on a resolved `RunConfig`), nested
-under one parent run with role `grid`, named like `split·cifar100·exp0.01·e200·s0` and tagged with
+under one parent run with role `grid`, named like `split:own·cifar100·exp0.01·e200·s0` and tagged with
 `ltexp.grid`, `ltexp.cell` and `ltexp.config_hash` (a hash of the resolved configuration).
 
 Resume: a cell whose configuration already has a FINISHED run in the experiment is not run
@@ -103,7 +103,7 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def cell_name(cfg: RunConfig) -> str:
-    """`split·cifar100·exp0.01·e200·s0`: every experiment run's default name."""
+    """`split:own·cifar100·exp0.01·e200·s0`: every experiment run's default name."""
     from ltexp import tracking  # late, as in run_grid: `ltexp --help` / `ltexp data` need no mlflow
 
     return tracking.default_run_name(cfg)

@@ -221,3 +221,18 @@ def test_a_tracking_store_that_cannot_grow_fails_the_command_in_one_line(subproc
     assert "Traceback" not in proc.stderr and "MLflow run" not in proc.stdout
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status != "FINISHED"  # FAILED, or RUNNING where the store refused that too
+
+
+def test_a_default_run_name_tells_method_design_data_epochs_and_seed_apart():
+    """The runs table shows names: a split run with "other" experts, the same with own-class
+    experts, a 10-epoch cell and a 100-epoch run of one setting, or two seeds, never share one."""
+    from ltexp.config import resolve_config
+
+    def name(role="experiment", seed=0, **sections):
+        return tracking.default_run_name(resolve_config(sections, seed=seed), role)
+
+    assert name() == "baseline·digits·exp0.01·e100·s0"
+    assert name(method={"method": "split"}) == "split:own·digits·exp0.01·e100·s0"
+    assert name(method={"method": "split"}, split={"expert_mode": "other"}) == "split:other·digits·exp0.01·e100·s0"
+    assert name(method={"method": "lws"}, optim={"epochs": 10}, seed=3) == "lws·digits·exp0.01·e10·s3"
+    assert name("tune", method={"method": "split"}) == "tune·digits·exp0.01·e100"

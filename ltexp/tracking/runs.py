@@ -105,9 +105,15 @@ def _same_value(logged: str, value: Any) -> bool:
 
 
 def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
-    """A readable run name: `split·cifar100·exp0.01·e200·s0` (`tune·digits·exp0.01·e100` for a
-    study): the epochs tell a 10-epoch grid cell from a 200-epoch run of the same setting."""
-    parts = [cfg.method.method if role != "tune" else "tune", cfg.data.short_name, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
+    """A readable run name: `split:own·cifar100·exp0.01·e200·s0` (`tune·digits·exp0.01·e100` for a
+    study): the epochs tell a 10-epoch grid cell from a 200-epoch run of the same setting, and a
+    split run names its experts' design (own classes only, or with an "other" label)."""
+    from ltexp.config import used_settings
+
+    method = cfg.method.method
+    if role != "tune" and "expert_mode" in used_settings(cfg):
+        method += f":{cfg.split.expert_mode}"
+    parts = [method if role != "tune" else "tune", cfg.data.short_name, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
              f"e{cfg.optim.epochs}"]
     return "·".join(parts + ([f"s{cfg.seed}"] if role != "tune" else []))
 
