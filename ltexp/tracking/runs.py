@@ -110,12 +110,13 @@ def default_run_name(cfg: RunConfig, role: str = "experiment") -> str:
     split run names its experts' design (own classes only, or with an "other" label)."""
     from ltexp.config import used_settings
 
+    data = [cfg.data.short_name, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}", f"e{cfg.optim.epochs}"]
+    if role == "tune":  # a study spans methods' settings and seeds
+        return "·".join(["tune", *data])
     method = cfg.method.method
-    if role != "tune" and "expert_mode" in used_settings(cfg):
+    if "expert_mode" in used_settings(cfg):
         method += f":{cfg.split.expert_mode}"
-    parts = [method if role != "tune" else "tune", cfg.data.short_name, f"{cfg.data.imb_type}{cfg.data.imb_factor:g}",
-             f"e{cfg.optim.epochs}"]
-    return "·".join(parts + ([f"s{cfg.seed}"] if role != "tune" else []))
+    return "·".join([method, *data, f"s{cfg.seed}"])
 
 
 def experiment_name(cfg: RunConfig) -> str:
