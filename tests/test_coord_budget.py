@@ -14,6 +14,7 @@ import pytest
 
 from ltexp import LtexpError
 from ltexp.coord.budget import TrialBudget
+from ltexp.coord.optuna_internals import trial_id
 from ltexp.coord.storage import open_storage
 
 WORKER = """
@@ -135,7 +136,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     storage = open_storage(url, 60)
     study = optuna.create_study(study_name="orphan", storage=storage, direction="maximize")
     alive = study.ask()
-    storage.record_heartbeat(alive._trial_id)  # another worker's trial, beating
+    storage.record_heartbeat(trial_id(alive))  # another worker's trial, beating
     orphan = study.ask()  # a trial created by a worker that died before its first heartbeat
     budget = TrialBudget(study, storage, url, n_trials=3)
     assert budget.take() and budget.counted == 1  # the live trial counts, the orphan does not

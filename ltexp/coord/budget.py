@@ -10,7 +10,9 @@ from typing import Any
 
 import optuna
 
+from ltexp.coord.optuna_internals import running_trials_without_heartbeat, trial_id
 from ltexp.coord.storage import flock, journal_path, sqlite_lock_path
+
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
     counts: dict[str, int] = {}
@@ -138,25 +140,17 @@ class TrialBudget:
     def _fail_heartbeatless(self) -> None:
         """Fail the study's RUNNING trials that have no heartbeat, and queue each again as Optuna
         queues a stale one (the storage's retry callback). Only under the lock (see the class)."""
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(self.storage.scoped_session) as session:
-            orphans = [trial_id for (trial_id,) in session.query(models.TrialModel.trial_id).filter(
-                models.TrialModel.study_id == self.study._study_id,
-                models.TrialModel.state == optuna.trial.TrialState.RUNNING,
-                ~models.TrialModel.heartbeats.any())]
         failed = []
-        for trial_id in orphans:
+        for orphan in running_trials_without_heartbeat(self.storage, self.study):
             try:
-                if self.storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
-                    failed.append(trial_id)
+                if self.storage.set_trial_state_values(orphan, state=optuna.trial.TrialState.FAIL):
+                    failed.append(orphan)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # ended meanwhile
         retry = self.storage.get_heartbeat_stale_trial_callback()
-        for trial_id in failed:
+        for orphan in failed:
             if retry is not None:
-                retry(self.study, self.storage.get_trial(trial_id))
+                retry(self.study, self.storage.get_trial(orphan))
 
     def optimize(self, objective, callbacks=(), **optimize_kwargs) -> bool:
         """`study.optimize` until the study has `n_trials` done or running (this worker runs at
@@ -180,7 +174,7 @@ class TrialBudget:
         first heartbeat is recorded here (Optuna's heartbeat thread may not have written it yet)."""
         def run(trial: optuna.Trial) -> float:
             if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.get_heartbeat_interval():
-                self.storage.record_heartbeat(trial._trial_id)
+                self.storage.record_heartbeat(trial_id(trial))
             self.release()
             return objective(trial)
         return run

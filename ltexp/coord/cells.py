@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from ltexp import LtexpError, schema
+from ltexp.coord.optuna_internals import trial_id
 from ltexp.coord.storage import flock, open_storage, sqlite_lock_path
 
 # --- The grid's work queue (`ltexp grid`): cells handed out through the same Optuna storages -----
@@ -133,7 +134,7 @@ class CellQueue:
             if t.state != optuna.trial.TrialState.RUNNING or beat is None or now - beat <= 2 * self.heartbeat_s:
                 continue
             try:
-                failed = self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                failed = self.storage.set_trial_state_values(trial_id(t), optuna.trial.TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 failed = False  # another worker got there first
             history = list(t.user_attrs.get(schema.RETRY_HISTORY, []))
@@ -144,8 +145,7 @@ class CellQueue:
     def claim(self) -> CellClaim | None:
         """Take the lowest-numbered WAITING cell (None when there is none).
 
-        Optuna's trial id is not public API but every storage call is keyed by it, hence
-        `FrozenTrial._trial_id`. A claimed trial whose cell already has a COMPLETE trial, or a
+        A claimed trial whose cell already has a COMPLETE trial, or a
         RUNNING one with a lower number (enqueued twice by workers repairing the queue at the
         same moment), is set PRUNED with `ltexp.duplicate_of` and the next one is tried.
         """
@@ -158,24 +158,24 @@ class CellQueue:
                          key=lambda t: t.number)
         for t in waiting:
             try:
-                if not self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING):
+                if not self.storage.set_trial_state_values(trial_id(t), optuna.trial.TrialState.RUNNING):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            self.beat(t._trial_id)
+            self.beat(trial_id(t))
             cell = int(t.params[CELL_PARAM])
             siblings = [s for s in self.cell_states()[cell] if s.number != t.number]
             first = next((s for s in siblings if s.state == optuna.trial.TrialState.COMPLETE or
                           (s.state == optuna.trial.TrialState.RUNNING and s.number < t.number)), None)
             if first is not None:
-                self.storage.set_trial_user_attr(t._trial_id, schema.DUPLICATE_OF, first.number)
-                self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.PRUNED)
+                self.storage.set_trial_user_attr(trial_id(t), schema.DUPLICATE_OF, first.number)
+                self.storage.set_trial_state_values(trial_id(t), optuna.trial.TrialState.PRUNED)
                 continue
             earlier = [s.user_attrs[schema.CELL_RUN_ID] for s in siblings
                        if s.state == optuna.trial.TrialState.FAIL and schema.CELL_RUN_ID in s.user_attrs]
             if schema.CELL_RUN_ID in t.user_attrs:  # inherited from the attempt this trial retries
                 earlier.append(t.user_attrs[schema.CELL_RUN_ID])
-            return CellClaim(t._trial_id, t.number, cell, sorted(set(earlier)))
+            return CellClaim(trial_id(t), t.number, cell, sorted(set(earlier)))
         return None
 
     def beat(self, trial_id: int) -> None:
