@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 
-from ltexp import schema
+from ltexp import LtexpError, schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +67,17 @@ def _launched_by_mlflow_run(pid: int) -> bool:
     return False
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, so field 3 of stat(5)
+    is index 0), or None when the process is gone or this is no Linux. The name is cut at the
+    last ')' because it may itself hold spaces and parentheses."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split() or None
+    except (OSError, IndexError):
+        return None
+
+
 def _launcher_ended(pid: int, wait_s: float = 1.0) -> bool:
     """Whether the launcher `pid` has ended or is ending, waiting up to `wait_s` for it to show.
 
@@ -77,11 +88,8 @@ def _launcher_ended(pid: int, wait_s: float = 1.0) -> bool:
     while True:
         if os.getppid() != pid:
             return True
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except (OSError, IndexError):
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):
             return True
         if time.monotonic() >= deadline:
             return False
@@ -108,10 +116,13 @@ def follow_launcher() -> None:
     expected = os.environ.pop(PARENT_ENV, None)
     if expected is not None:
         name = "`ltexp grid --jobs`"
+        if not expected.isdigit():
+            raise LtexpError(f"{PARENT_ENV}={expected!r} is not a process id: `ltexp grid --jobs` sets it for its "
+                             f"helper workers; unset it to run ltexp on its own")
         if expected != str(parent):
             # The command died while this helper was still starting (before the kernel could be
             # asked to tell it), so the helper was handed to init: it ends before claiming a cell.
-            _launcher_pid, _launcher_name = int(expected) if expected.isdigit() else None, name
+            _launcher_pid, _launcher_name = int(expected), name
             os.kill(os.getpid(), signal.SIGTERM)
             return
     elif os.environ.get("MLFLOW_RUN_ID") and _launched_by_mlflow_run(parent):
@@ -145,9 +156,10 @@ def host() -> str:
 
 def process_start_time(pid: int) -> float | None:
     """Unix time a process started (Linux /proc), None when unknown; tells a reused pid apart."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return None
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
         with open("/proc/stat") as fh:
             boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
