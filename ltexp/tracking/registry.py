@@ -153,6 +153,8 @@ def _settle_champion(client: MlflowClient, name: str, version: int, metric: str,
     version existed may set the alias after that version's worker did. Every worker settles after
     its own write and every crowned version is tagged before its write, so the last worker to
     write sees every crowned figure and leaves the alias on the best of them."""
+    # Listed afresh, not reused from the decision: what matters is what other workers wrote
+    # between this worker's look and its own alias write.
     versions = client.search_model_versions(f"name = '{name}'")
     (mine,) = [v for v in versions if int(v.version) == version]
     beside = [v for v in versions if int(v.version) != version
@@ -168,7 +170,10 @@ def _settle_champion(client: MlflowClient, name: str, version: int, metric: str,
 
 
 def validate_registered_name(name: str, alias: str | None = None, flag: str = "--register-as") -> None:
-    """Reject, before training, a registered-model name or alias that MLflow's registry refuses."""
+    """Reject, before training, a registered-model name or alias that MLflow's registry refuses.
+
+    MLflow's validators are not public API (tests/test_mlflow_internals.py watches them); the
+    alternative, the registry's refusal, would come after training."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_model_alias_name, _validate_model_name
 

@@ -54,6 +54,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def identity_tags(role: str) -> dict[str, str]:
+    """What any ltexp run is and which code wrote it: role, version and (in a git checkout) commit."""
+    commit = git_commit()
+    return {schema.ROLE: role, schema.VERSION: ltexp.__version__, **({schema.GIT_COMMIT: commit} if commit else {})}
+
+
 def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
     """The tags every run carries (docs/records.md, "What a run records")."""
     tags = {
@@ -63,12 +69,8 @@ def run_tags(cfg: RunConfig, role: str) -> dict[str, str]:
         schema.IMB_TYPE: cfg.data.imb_type,
         schema.IMB_FACTOR: str(cfg.data.imb_factor),
         schema.SEED: str(cfg.seed),
-        schema.VERSION: ltexp.__version__,
-        schema.ROLE: role,
+        **identity_tags(role),
     }
-    commit = git_commit()
-    if commit:
-        tags[schema.GIT_COMMIT] = commit
     from ltexp.data.pack import pack_meta, pack_path
 
     packed = pack_path(cfg.data.dataset)
@@ -459,28 +461,9 @@ def start_run(cfg: RunConfig, role: str = "experiment") -> Iterator[Run]:
 def start_tune_run(cfg: RunConfig, study_name: str, previous_run_id: str | None) -> Iterator[Run]:
     """The study's parent run (role `tune`): the `mlflow run` one, else the run of an earlier
     session of the same study (resumed), else a new one."""
-    # Taken out of the environment as mlflow.start_run() does, so nested trial runs are new runs.
-    launched = run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
-    if run_id is None and previous_run_id:
-        try:
-            previous = MlflowClient().get_run(previous_run_id)
-            run_id = previous_run_id
-            # Nested trial runs are created in the active experiment: make it the parent's (else
-            # they land in Default, where a team server's users may not write).
-            mlflow.set_experiment(experiment_id=previous.info.experiment_id)
-            if schema.ERROR in previous.data.tags:  # e.g. closed by a sweep when its worker died: it goes on
-                MlflowClient().delete_tag(run_id, schema.ERROR)
-        except mlflow.exceptions.MlflowException:
-            run_id = None  # the study outlived its tracking store: start a new parent run
-    if run_id is None:
-        mlflow.set_experiment(experiment_name(cfg))
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else (cfg.tracking.run_name or
-                                                                          default_run_name(cfg, "tune")))
-    with _guarded(active) as run:
-        if launched:  # `mlflow run` gave the run a random name
-            MlflowClient().update_run(run.run_id, name=cfg.tracking.run_name or default_run_name(cfg, "tune"))
-
-        mlflow.set_tags({**run_tags(cfg, "tune"), schema.STUDY_NAME: study_name, **process_tags()})
+    tags = {**run_tags(cfg, "tune"), schema.STUDY_NAME: study_name, **process_tags()}
+    with start_role_run(experiment_name(cfg), cfg.tracking.run_name or default_run_name(cfg, "tune"), "tune", tags,
+                        previous_run_id) as run:
         yield run
 
 
@@ -514,23 +497,29 @@ def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> No
 @contextmanager
 def start_role_run(experiment: str, run_name: str, role: str, tags: dict[str, str],
                    resume_run_id: str | None = None) -> Iterator[Run]:
-    """A run that is no experiment (role `grid` or `report`): the `mlflow run` one when there is
-    one, else `resume_run_id` when that run still exists (a grid's later session or another
-    worker), else a new run in `experiment`. FAILED with the reason if the block raises."""
-    run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None  # nested runs below must be new runs
+    """A parent run that is no experiment (role `tune`, `grid` or `report`): the `mlflow run`
+    one when there is one (renamed `run_name`), else `resume_run_id` when that run still exists
+    (a study's or grid's later session, or another worker; an `ltexp.error` a sweep left on it
+    is cleared, as the run goes on), else a new run in `experiment`. Tagged with the role, the
+    version and the commit beside `tags`; FAILED with the reason if the block raises."""
+    # Taken out of the environment as mlflow.start_run() does, so nested runs below are new runs.
+    launched = run_id = os.environ.pop("MLFLOW_RUN_ID", None) or None
     if run_id is None and resume_run_id:
         try:
             resumed = MlflowClient().get_run(resume_run_id)
             run_id = resume_run_id
-            # Nested runs go to the *active* experiment, not their parent's: make it the parent's.
+            # Nested runs are created in the active experiment, not their parent's: make it the
+            # parent's (else they land in Default, where a team server's users may not write).
             mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
+            if schema.ERROR in resumed.data.tags:  # e.g. closed by a sweep when its worker died
+                MlflowClient().delete_tag(run_id, schema.ERROR)
         except mlflow.exceptions.MlflowException:
-            run_id = None  # the grid outlived its tracking store: start a new parent run
+            run_id = None  # the study or grid outlived its tracking store: start a new parent run
     if run_id is None:
         mlflow.set_experiment(experiment)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
     with _guarded(active) as run:
-        commit = git_commit()
-        mlflow.set_tags({schema.ROLE: role, schema.VERSION: ltexp.__version__, **tags,
-                         **({schema.GIT_COMMIT: commit} if commit else {})})
+        if launched:  # `mlflow run` gave the run a random name
+            MlflowClient().update_run(run.run_id, name=run_name)
+        mlflow.set_tags({**identity_tags(role), **tags})
         yield run
