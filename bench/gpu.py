@@ -67,7 +67,7 @@ from ltexp.config import resolve_config  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
 from ltexp.choices import COMPILE_CUDA_GRAPHS, COMPILE_NONE  # noqa: E402
-from ltexp.engine import predict_logits, resolve_device  # noqa: E402
+from ltexp.engine import predict_logits, resolve_device, train_step  # noqa: E402
 from ltexp.experiment import build_experts, expert_view, prepare, train_expert  # noqa: E402
 from ltexp.models import build_model, channel_stats  # noqa: E402
 from ltexp.threads import configure_threads  # noqa: E402
@@ -122,9 +122,9 @@ def peak(device: torch.device) -> int:
 
 
 class Stepper:
-    """One SGD step as `ltexp.engine.fit` takes it, with the precision/layout/compile mode as a
-    parameter: forward (bf16 autocast + channels_last on CUDA for the bf16 modes), cross-entropy
-    on float32 logits, zero_grad(set_to_none), backward, optional gradient clipping, fused SGD."""
+    """`ltexp.engine.train_step` with the precision/layout/compile mode as a parameter: bf16
+    autocast + channels_last on CUDA for the bf16 modes, cross-entropy, fused SGD, the model
+    itself or `torch.compile` of it."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, mode: str, clip_norm: float = 0.0):
         self.device, self.mode, self.clip_norm = device, mode, clip_norm
@@ -138,20 +138,8 @@ class Stepper:
                         if mode in COMPILE_MODES else model)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.low_precision:
-            images = images.contiguous(memory_format=torch.channels_last)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-        else:
-            autocast = torch.autocast(self.device.type, enabled=False)
-        with autocast:
-            logits = self.forward(images)
-            loss = F.cross_entropy(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optimizer.step()
-        return loss.detach()
+        return train_step(self.forward, self.optimizer, images, labels, F.cross_entropy, clip_norm=self.clip_norm,
+                          low_precision=self.low_precision)[0]
 
 
 def device_batches(train: DeviceImages, batch_size: int, seed: int):

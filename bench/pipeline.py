@@ -22,7 +22,7 @@ What it prints:
    ltexp / torchvision >= 5.
 2. End to end: images/s of SGD training steps (forward, cross-entropy, backward, step) with the
    same model and initial weights, for the same number of steps, after a few warm-up steps.
-   CUDA mirrors `ltexp/engine.py`: bf16 autocast, channels_last, fused SGD, cudnn.benchmark;
+   Both take `ltexp.engine.train_step` (on CUDA: bf16 autocast, channels_last; fused SGD, cudnn.benchmark);
    CPU runs fp32. Images/s is over all timed steps; on CPU the min / median / max step time is
    shown too, to spot a noisy neighbour. Target: ratio >= 1.0.
 3. Memory: device bytes of the uint8 training set (`DeviceImages.nbytes`) versus its uint8 numpy
@@ -69,7 +69,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python bench/pipeline.py` puts bench/, not the root, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from ltexp import LtexpError  # noqa: E402
+from ltexp import LtexpError, engine  # noqa: E402
 from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.longtail import long_tail_counts  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
@@ -185,18 +185,9 @@ def device_description(device) -> str:
 
 
 def train_step(model, optimizer, images, labels, device):
-    """One SGD step, as ltexp/engine.py does it: channels_last + bf16 autocast on CUDA, fp32 elsewhere."""
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    with autocast:
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    """One SGD step with cross-entropy: `ltexp.engine.train_step` (channels_last + bf16 autocast
+    on CUDA, fp32 elsewhere). `device` is the images' own; kept for the callers' signature."""
+    return engine.train_step(model, optimizer, images, labels, F.cross_entropy)[0]
 
 
 def time_training(model, optimizer, batch_stream, device, warmup_steps: int, steps: int) -> dict:

@@ -51,9 +51,33 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device):
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed; CPU stays fp32.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, low_precision: bool = True):
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed; other devices stay fp32.
+    if low_precision and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss,
+               *, clip_norm: float = 0.0, soft_targets: torch.Tensor | None = None,
+               low_precision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step, the one `fit` takes (and bench/ times): on CUDA the images go channels_last
+    and the forward pass runs under bf16 autocast (`low_precision`); the loss is taken on float32
+    logits (with each image's teacher targets when `soft_targets` is given: distillation), then
+    zero_grad(set_to_none), backward, the gradient of the optimiser's parameters clipped to norm
+    `clip_norm` (0 = no clipping), and the optimiser's step. `forward` is the module called: the
+    model or its `compile_step` form. Returns the detached loss and the logits."""
+    if low_precision and images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(images.device, low_precision):
+        logits = forward(images)
+        value = loss(logits.float(), labels) if soft_targets is None else loss(logits.float(), labels, soft_targets)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_norm)
+    optimizer.step()
+    return value.detach(), logits
 
 
 def compile_step(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -227,23 +251,13 @@ def fit_epochs(model: torch.nn.Module, train: DeviceImages, val: DeviceImages, s
                 idx = order[start:start + batch_size]
                 images = augment(train.images[idx], generator)
                 labels = train.labels[idx]
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
                 full = len(idx) == batch_size
                 if cuda_graphs and full:
                     torch.compiler.cudagraph_mark_step_begin()
-                with _autocast(device):
-                    logits = (step_model if full else model)(images)
-                    if train.soft_targets is None:
-                        loss = stage.loss(logits.float(), labels)
-                    else:  # distillation: the loss also reads each image's teacher targets
-                        loss = stage.loss(logits.float(), labels, train.soft_targets[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                optimizer.step()
-                loss_sum += loss.detach() * len(idx)
+                loss, logits = train_step(step_model if full else model, optimizer, images, labels, stage.loss,
+                                          clip_norm=clip_norm,
+                                          soft_targets=None if train.soft_targets is None else train.soft_targets[idx])
+                loss_sum += loss * len(idx)
                 correct += (logits.argmax(1) == labels).sum()
             lr = optimizer.param_groups[0]["lr"]
             schedule.step()

@@ -260,3 +260,28 @@ def test_the_last_epochs_weights_come_back_beside_the_selected_ones(digits):
     model, train, val = _setup(digits)
     result = _fit(model, train, val, digits, MethodConfig("baseline"), epochs=1)
     assert result.best_epoch == 1 and result.last_state is None
+
+
+def test_train_step_is_one_sgd_step_on_the_given_loss_with_clipping_and_teacher_targets():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    images, labels = torch.randn(8, 4) * 100, torch.arange(8) % 3  # large inputs: a gradient norm well over 0.5
+    soft = torch.softmax(torch.randn(8, 3), 1)
+    teachers = []
+
+    def loss(logits, targets, teacher=None):
+        teachers.append(teacher)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # no momentum or decay: update = -gradient
+    value, logits = engine.train_step(model, optimizer, images, labels, loss, clip_norm=0.5, soft_targets=soft)
+    assert teachers[-1] is soft and logits.shape == (8, 3) and not value.requires_grad
+    assert value.item() == pytest.approx(torch.nn.functional.cross_entropy(images @ before[0].T + before[1], labels).item())
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert torch.linalg.vector_norm(update).item() == pytest.approx(0.5, rel=1e-4)  # clipped to norm 0.5
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.train_step(model, optimizer, images, labels, loss)
+    assert teachers[-1] is None  # no teacher: the loss is called with (logits, labels) only
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert torch.linalg.vector_norm(update).item() > 1.0  # unclipped
