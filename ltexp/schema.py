@@ -90,7 +90,7 @@ def placeholder(name: str) -> str:
         return "|".join(n.pattern.pattern.removesuffix(r"\Z").removeprefix(r"ltexp\.")
                         for n in NAMES if n.kind == "tag")
     return {"expert": r"[a-z][a-z0-9_]*",      # an expert's name: head, tail, g0, router, student, ...
-            # a dimension of the search space (ltexp/tune.py, SearchSpace.suggest)
+            # a dimension of the search space (ltexp/tune/space.py, SearchSpace.suggest)
             "dimension": r"num_groups|split_at(?:_\d+)?|clip|clip_norm|lr|weight_decay|expert_mode|other_size|lws"
                          r"|fusion(?:_own|_other)?",
             "file": r"[A-Za-z0-9_./-]+",       # a file's path in a run's artifact folder

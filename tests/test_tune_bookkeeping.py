@@ -10,14 +10,14 @@ from mlflow.tracking import MlflowClient
 
 from ltexp import tracking
 from ltexp.config import TuneConfig, resolve_config
-from ltexp import tune
+from ltexp.tune.objective import Objective
 from ltexp.tune import frozen_heap, run_study
 
 
 def test_overhead_per_trial_is_measured_consistently(mlflow_store, tmp_path, monkeypatch):
     frozen_in_trials = []
-    objective = tune.Objective.__call__
-    monkeypatch.setattr(tune.Objective, "__call__",
+    objective = Objective.__call__
+    monkeypatch.setattr(Objective, "__call__",
                         lambda self, trial: frozen_in_trials.append(gc.get_freeze_count()) or objective(self, trial))
     cfg = resolve_config({"optim": {"epochs": 1}, "method": {"method": "split", "lws_epochs": 1}})
     # How small the overhead is depends on what else runs on the machine: that is a benchmark's
