@@ -11,7 +11,7 @@ Sections (each number is measured in this run; nothing is carried over from else
    "reduce-overhead")`, i.e. CUDA graphs). Compiled modes report their warm-up (compile) time.
 2. `epoch`: the paper's CIFAR-10-LT (exp, 0.01) on a generated CIFAR-format archive: the
    baseline, and split with 2 experts in `own` and `other` modes, trained through
-   `ltexp.experiment.train_expert` (the engine every run uses; no MLflow), split as in the
+   `ltexp.training.train_expert` (the engine every run uses; no MLflow), split as in the
    paper (LWS joint, gradient clipping at 5). Two epochs each:
    the first pays cuDNN autotuning, the second is the steady epoch. `split_*_over_baseline`
    compares walls measured in this run. Each row's `cycle_s` is one whole steady epoch
@@ -68,7 +68,7 @@ from ltexp.data.device import DeviceImages, build_augment  # noqa: E402
 from ltexp.data.sampling import build_sampler  # noqa: E402
 from ltexp.choices import COMPILE_CUDA_GRAPHS, COMPILE_NONE  # noqa: E402
 from ltexp.engine import predict_logits, resolve_device, train_step  # noqa: E402
-from ltexp.experiment import build_experts, expert_view, prepare, train_expert  # noqa: E402
+from ltexp.training import build_experts, expert_view, prepare, train_expert  # noqa: E402
 from ltexp.models import build_model, channel_stats  # noqa: E402
 from ltexp.threads import configure_threads  # noqa: E402
 

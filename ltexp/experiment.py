@@ -7,31 +7,25 @@ point call.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
 import json
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ltexp import choices, concurrency, lifecycle, plots, schema, tracking, write_error
-from ltexp.config import RunConfig, used_settings
-from ltexp.data import ClassInfo, LongTailData, build_dataset
-from ltexp.data.device import DeviceImages, build_augment
-from ltexp.engine import FitResult, fit, fit_epochs, predict_logits, resolve_device
+from ltexp import choices, concurrency, plots, schema, tracking, write_error
+from ltexp.config import RunConfig
+from ltexp.data import ClassInfo, LongTailData
+from ltexp.engine import FitResult, predict_logits, resolve_device
 from ltexp.fusion import ExpertLayout, fit_rule, fuse, oracle_predict, route_accuracy, routing_accuracy
-from ltexp.methods import EXPERT, ROUTER, STUDENT, ExpertSpec, build_method
+from ltexp.methods import EXPERT, ROUTER, STUDENT, ExpertSpec
 from ltexp.metrics import accuracy_metrics, classification_metrics, confusion_matrix, per_class_accuracy
-from ltexp.models import build_model, channel_stats
 from ltexp.predictor import FusedPredictor
-from ltexp.progress import Progress
+from ltexp.training import (ExpertCache, Prepared, build_experts, checkpointer, expert_info, expert_view,
+                            new_expert_model, prepare, teacher_targets, train_expert)
 
 
 @dataclass
@@ -45,13 +39,6 @@ class ExperimentResult:
     expert_run_ids: list[str] = field(default_factory=list)
 
 
-@dataclass
-class DeviceSplits:
-    train: DeviceImages
-    val: DeviceImages
-    test: DeviceImages
-
-
 def log_data_profile(run: tracking.Run, data: LongTailData) -> pd.DataFrame:
     """Class counts (CSV + bar chart) of the long-tailed set, as artifacts."""
     table = data.counts_table()
@@ -62,246 +49,6 @@ def log_data_profile(run: tracking.Run, data: LongTailData) -> pd.DataFrame:
     run.log_params({"num_classes": data.info.num_classes, "train_images": len(data.train_labels),
                     "val_images": len(data.val_labels), "test_images": len(data.test_labels)})
     return table
-
-
-def expert_view(images: DeviceImages, spec: ExpertSpec, num_classes: int) -> DeviceImages:
-    """The images an expert sees, labelled in its own output space.
-
-    Without "other": only its classes' images (a copy of that subset). With "other": every image
-    (the same device tensor, no copy), the rest labelled `len(spec.classes)`. A router sees every
-    image labelled by its group.
-    """
-    device = images.labels.device
-    if spec.role == ROUTER:  # every image, labelled by its group
-        groups = ExpertLayout(spec.routes, (False,) * len(spec.routes), num_classes).group_of().to(device)
-        return DeviceImages(images.images, groups[images.labels])
-    local = torch.full((num_classes,), len(spec.classes), dtype=torch.long, device=device)
-    local[list(spec.classes)] = torch.arange(len(spec.classes), device=device)
-    labels = local[images.labels]
-    if spec.other:
-        return DeviceImages(images.images, labels)
-    keep = labels < len(spec.classes)
-    return DeviceImages(images.images[keep], labels[keep])
-
-
-def expert_info(info: ClassInfo, spec: ExpertSpec) -> ClassInfo:
-    """Class names and training counts of an expert's outputs; its "other" label counts the
-    images it draws per epoch (what its loss and sampler see). A router's outputs are the groups,
-    each counting its classes' images."""
-    if spec.role == ROUTER:
-        counts = [int(info.train_counts[list(classes)].sum()) for classes in spec.routes]
-        return ClassInfo(spec.route_names, np.asarray(counts, dtype=np.int64))
-    names = tuple(info.class_names[c] for c in spec.classes) + (("other",) if spec.other else ())
-    counts = info.train_counts[list(spec.classes)].tolist() + ([spec.other_per_epoch] if spec.other else [])
-    return ClassInfo(names, np.asarray(counts, dtype=np.int64))
-
-
-def expert_seed(cfg: RunConfig, spec: ExpertSpec) -> int:
-    """Seed of an expert's initialisation and sampling: the run seed and the classes it owns, so
-    the same expert gets the same seed whatever its position among the groups (and can be reused)."""
-    identity = (spec.classes, spec.other, spec.other_per_epoch) + ((spec.role, spec.routes) if spec.role != EXPERT else ())
-    return cfg.seed * 1_000_003 + zlib.crc32(repr(identity).encode()) % 1_000_003
-
-
-def expert_key(cfg: RunConfig, spec: ExpertSpec) -> str:
-    """Everything that changes how an expert trains; equal keys give bit-identical experts on CPU."""
-    if spec.role == EXPERT:
-        settings = {k: v for k, v in used_settings(cfg).items() if k not in UNUSED_BY_EXPERT_TRAINING}
-        identity = {}
-    else:  # a router depends on the groups, a student on every expert that teaches it
-        settings = {k: v for k, v in used_settings(cfg).items() if k not in ("fusion", "device")}
-        identity = {"role": spec.role, "routes": spec.routes}
-    return json.dumps({"settings": settings, "classes": spec.classes, "other": spec.other,
-                       "other_per_epoch": spec.other_per_epoch, **identity}, sort_keys=True, default=str)
-
-
-# Config fields that never reach an expert's training (they pick groups or fusion; the groups
-# themselves are part of the key through the expert's classes). Bookkeeping fields are not in
-# `used_settings` at all.
-UNUSED_BY_EXPERT_TRAINING = {"fusion", "num_groups", "split_at", "expert_mode", "other_size", "device", "router",
-                             "distill", "distill_temperature", "distill_weight", "student_sampling"}
-
-
-@dataclass
-class ExpertCache:
-    """Trained experts by `expert_key`, so a tuning study never trains the same expert twice.
-
-    `directory`: also kept there, for the processes of one `ltexp tune --jobs N` (one machine), so
-    that an expert one job trained is reused by the others and by the command's final test
-    evaluation. One file per expert (`<hash>.pt`: its CPU weights and its `FitResult` as a dict,
-    written whole by `lifecycle.save_whole`); the command removes the folder when the study ends."""
-
-    entries: dict = field(default_factory=dict)
-    hits: int = 0
-    misses: int = 0
-    directory: Path | None = None
-
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-    def _load(self, key: str) -> bool:
-        """Read an expert another process put into `directory`."""
-        if self.directory is None or not self._path(key).exists():
-            return False
-        saved = torch.load(self._path(key), map_location="cpu", weights_only=True)
-        self.entries[key] = (saved["state"], FitResult(**saved["result"]))
-        return True
-
-    def has(self, key: str) -> bool:
-        return key in self.entries or self._load(key)
-
-    def get(self, key: str):
-        if self.has(key):
-            self.hits += 1
-            return self.entries[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
-        result = dataclasses.replace(result, last_state=None)  # the selected weights are what is shared
-        self.entries[key] = (copy.deepcopy(model.state_dict()), result)
-        if self.directory is not None:
-            lifecycle.save_whole({"state": {k: v.detach().cpu() for k, v in self.entries[key][0].items()},
-                                  "result": dataclasses.asdict(result)}, self._path(key), "trained expert")
-
-
-def train_expert(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", on_epoch, progress: bool,
-                 cache: ExpertCache | None = None, checkpoint: lifecycle.Checkpointer | None = None,
-                 teacher: torch.Tensor | None = None) -> tuple[torch.nn.Module, FitResult, bool]:
-    """Train one expert with the one engine, resuming from `checkpoint`, then apply the method's
-    post-hoc step (or take the finished expert from `cache`).
-
-    Returns the model (best validation epoch, post-hoc step applied), its `FitResult`, and
-    whether it was reused.
-    """
-    key = expert_key(cfg, spec)
-    model = new_expert_model(cfg, method, spec, prep)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        model.load_state_dict(cached[0])
-        return model.eval(), cached[1], True
-    inputs = fit_inputs(cfg, method, spec, prep, teacher)
-    result = fit(model, **inputs, on_epoch=on_epoch, progress=Progress(spec.name) if progress else None,
-                 checkpoint=checkpoint)
-    val = inputs["val"]
-    result.posthoc = method.posthoc(model, predict_logits(model, val.images), val.labels, inputs["info"])
-    if cache is not None:
-        cache.put(key, model, result)
-    return model, result, False
-
-
-def new_expert_model(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared") -> torch.nn.Module:
-    """An expert's freshly initialised model (seeded by `expert_seed`), on the training device."""
-    mean, std = channel_stats(prep.data.train_images)
-    with concurrency.GLOBAL_RNG:  # seeding and drawing the weights, as one step for each thread
-        torch.manual_seed(expert_seed(cfg, spec))
-        model = build_model(cfg.model.model, prep.data.image_shape, spec.num_outputs, mean, std, head=method.head)
-    return model.to(prep.device)
-
-
-def fit_inputs(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", teacher: torch.Tensor | None = None) -> dict:
-    """The engine's arguments for one expert: its view of the data, stages, classes and seed
-    (and, for a student, the teacher logits of every training image as soft targets)."""
-    data, splits = prep.data, prep.splits
-    k = data.info.num_classes
-    train, val = expert_view(splits.train, spec, k), expert_view(splits.val, spec, k)
-    if teacher is not None:
-        train = DeviceImages(train.images, train.labels, teacher)
-    info = expert_info(data.info, spec)
-    return dict(train=train, val=val, stages=method.stages(info, spec), info=info, batch_size=cfg.optim.batch_size,
-                clip_norm=cfg.optim.clip_norm, augment=build_augment(cfg.data.augment, data.image_shape[0]),
-                seed=expert_seed(cfg, spec), select_metric="macro_acc" if spec.other else "acc",
-                compile_mode=cfg.optim.compile)
-
-
-def expert_steps(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared",
-                 checkpoint: lifecycle.Checkpointer | None = None):
-    """A fresh expert model and its training as a generator of epoch records (`engine.fit_epochs`),
-    for training several experts in lockstep; the generator returns the `FitResult`. (Tuning uses
-    it for split experts, whose method has no post-hoc step.)"""
-    model = new_expert_model(cfg, method, spec, prep)
-    return model, fit_epochs(model, **fit_inputs(cfg, method, spec, prep), checkpoint=checkpoint)
-
-
-def checkpoint_key(cfg: RunConfig, spec: ExpertSpec) -> str:
-    """The expert's key plus what its checkpoint belongs to: the tracking store its runs live in
-    (hashed, since a URI can carry a password; the store is where the resumed run is linked) and
-    the torch build and device type that compute its numbers. Another store or build trains afresh."""
-    store = hashlib.sha256(tracking.store_identity().encode()).hexdigest()[:16]
-    return json.dumps({"expert": expert_key(cfg, spec), "store": store, "torch": torch.__version__,
-                       "device": resolve_device(cfg.device).type}, sort_keys=True)
-
-
-def checkpointer(cfg: RunConfig, spec: ExpertSpec, run_id: str, root_run_id: str, label: str = "",
-                 cadence: lifecycle.Cadence | None = None) -> lifecycle.Checkpointer:
-    """The checkpoint of one expert of the run `root_run_id` (epochs logged to `run_id`).
-
-    When it resumes it says so on the terminal, and the interrupted runs are closed KILLED and
-    linked to the runs that continue them (`ltexp.resumed_by` / `ltexp.resumed_from`).
-    """
-    def announce(state: dict) -> None:
-        old_root, old_run = state.get("root_run_id", ""), state.get("run_id", "")
-        done = bool(state.get("finished"))  # training had ended; only the evaluation was lost
-        detail = f" ({label}{', finished' if done else ''}, run {old_run})" if label and old_run != old_root else \
-            (" (finished)" if done else "")
-        written_with, now = state.get("torch_threads"), torch.get_num_threads()
-        if written_with and written_with != now:
-            # Not a key part: the default thread count follows the machine's load, and a kill
-            # should not cost the epochs done. Float sums taken in another order may differ in
-            # their last digits, so the run says it.
-            detail += (f"; written with {written_with} torch threads, now {now}: the last digits may differ "
-                       "from an uninterrupted run")
-        tracking.link_resumed(old_run, run_id)
-        if old_root != old_run:
-            tracking.link_resumed(old_root, root_run_id)
-        print(f"resuming from epoch {state['global_epoch']} of run {old_root or '(unknown)'}{detail}", flush=True)
-
-    return lifecycle.Checkpointer(checkpoint_key(cfg, spec), lifecycle.Every.parse(cfg.tracking.checkpoint_every),
-                                  cfg.tracking.resume, run_id, root_run_id, label, cadence, announce)
-
-
-@dataclass
-class Prepared:
-    """A data set loaded once and placed on the device (a tuning study reuses it for every trial)."""
-
-    data: LongTailData
-    splits: DeviceSplits
-    device: torch.device
-
-
-def prepare(cfg: RunConfig) -> Prepared:
-    """Load and long-tail the configured data and put its three splits on the training device."""
-    device = resolve_device(cfg.device)
-    data = build_dataset(cfg.data)
-    splits = DeviceSplits(*(DeviceImages.from_numpy(x, y, device) for x, y in (
-        (data.train_images, data.train_labels), (data.val_images, data.val_labels),
-        (data.test_images, data.test_labels))))
-    return Prepared(data, splits, device)
-
-
-def build_experts(cfg: RunConfig, info: ClassInfo):
-    """The method object, its expert specs, and their layout (validates `split_at`)."""
-    method = build_method(cfg)
-    specs = method.experts(info)
-    layout = ExpertLayout(tuple(s.classes for s in specs), tuple(s.other for s in specs), info.num_classes,
-                          router=method.router(specs) is not None)
-    return method, specs, layout
-
-
-def teacher_targets(experts: list[torch.nn.Module], layout: ExpertLayout, images: DeviceImages) -> torch.Tensor:
-    """(N, K) teacher logits for a student: each image gets its *own* group's expert's logits on
-    that expert's classes (training labels are known, so this routing is legitimate), -inf on
-    every other class."""
-    k = layout.num_classes
-    labels = images.labels
-    group = layout.group_of().to(labels.device)[labels]
-    targets = torch.full((len(labels), k), float("-inf"), device=labels.device)
-    for e, (model, classes) in enumerate(zip(experts, layout.owners)):
-        rows = (group == e).nonzero().squeeze(1)
-        if len(rows):
-            logits = predict_logits(model, images.images[rows])[:, :len(classes)]
-            targets[rows[:, None], torch.as_tensor(classes, device=labels.device)[None, :]] = logits
-    return targets
 
 
 def _timed(device: torch.device, fn):
@@ -374,8 +121,8 @@ def run_experiment(cfg: RunConfig, progress: bool = False) -> ExperimentResult:
 
 def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, progress: bool = False,
             cache: ExpertCache | None = None, expert_runs: bool = True, shared_run: bool = False) -> ExperimentResult:
-    """The experiment inside an open run: data, experts, fusion chosen on validation, one test
-    evaluation, artifacts, the model, and registration when asked for.
+    """The experiment inside an open run, in four phases: train the models, choose the fusion on
+    validation, evaluate once on test and log, ship the model (and register it when asked for).
 
     One path for every method: a single-model method is one expert that owns every class, fused
     by `concat` (the identity). With several experts, each trains in a nested run of its own
@@ -388,9 +135,8 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     if prep is None:
         run.set_tags({schema.DEVICE: str(resolve_device(cfg.device))})
         prep = prepare(cfg)
-    data, splits, device = prep.data, prep.splits, prep.device
-    log_data_profile(run, data)
-    method, specs, layout = build_experts(cfg, data.info)
+    log_data_profile(run, prep.data)
+    method, specs, layout = build_experts(cfg, prep.data.info)
     starts = np.cumsum([len(s.classes) for s in specs])[:-1]
     layout_facts = {"experts": ",".join(s.name for s in specs),
                     **({"split_ranks": ",".join(map(str, starts))} if len(starts) else {})}
@@ -398,11 +144,44 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         run.set_tags({f"ltexp.{k}": v for k, v in layout_facts.items()})
     else:
         run.log_params(layout_facts)
-    in_parent = len(specs) == 1  # one model: its epochs are the run's own curves
+    trained = train_models(cfg, run, prep, method, specs, layout, progress=progress, cache=cache,
+                           expert_runs=expert_runs, shared_run=shared_run)
+    choice = choose_fusion(trained, layout, prep, method)
+    metrics = evaluate_and_log(cfg, run, prep, method, specs, layout, trained, choice,
+                               expert_runs=expert_runs, shared_run=shared_run)
+    model_uri, version = ship_model(cfg, run, choice.predictor, prep.data)
+    for checkpoint in filter(None, trained.checkpoints):
+        checkpoint.clear()  # the run is complete: the identical command starts afresh next time
+    return ExperimentResult(run.run_id, metrics, choice.table, model_uri, version, choice.fusion, trained.child_ids)
 
-    results: list[FitResult] = []
-    child_ids: list[str] = []
-    checkpoints: list[lifecycle.Checkpointer | None] = []
+
+@dataclass
+class Trained:
+    """The models a run trained, in the experts' order, with what each left behind."""
+
+    experts: list[torch.nn.Module]
+    router: torch.nn.Module | None
+    student: torch.nn.Module | None
+    results: list[FitResult]  # one per trained model: experts, then router, then student
+    child_ids: list[str]  # their nested runs, when they have them
+    checkpoints: list  # their `lifecycle.Checkpointer`s (None where none was kept)
+    in_parent: bool  # one model, whose epochs are the run's own curves
+
+    @property
+    def scorers(self) -> list[torch.nn.Module]:
+        """The models whose outputs the fusion rules read: the experts and the router."""
+        return self.experts + ([self.router] if self.router is not None else [])
+
+
+def train_models(cfg: RunConfig, run: tracking.Run, prep: Prepared, method, specs: list[ExpertSpec],
+                 layout: ExpertLayout, *, progress: bool = False, cache: ExpertCache | None = None,
+                 expert_runs: bool = True, shared_run: bool = False) -> Trained:
+    """Phase 1: the experts (one after the other, or at once with --expert-concurrency), then the
+    method's router and distilled student if it has them; a study's final evaluation (no runs
+    of their own) takes its experts from the study's `cache`."""
+    data = prep.data
+    in_parent = len(specs) == 1
+    trained = Trained([], None, None, [], [], [], in_parent)
 
     def train_alone(spec: ExpertSpec, teacher: torch.Tensor | None = None):
         """One model trained: (model, its FitResult, its nested run's id or None, its checkpoint)."""
@@ -425,36 +204,50 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
                                "best_epoch": result.best_epoch, **result.posthoc})
             return model, result, child.run_id, ckpt
 
-    def kept(trained) -> torch.nn.Module:
-        """Record a trained model's result, run and checkpoint, in the order of the experts."""
-        model, result, child_id, ckpt = trained
-        results.append(result)
-        checkpoints.append(ckpt)
+    def kept(done) -> torch.nn.Module:
+        """Record a trained model's result, run and checkpoint, in the order of the models."""
+        model, result, child_id, ckpt = done
+        trained.results.append(result)
+        trained.checkpoints.append(ckpt)
         if child_id is not None:
-            child_ids.append(child_id)
+            trained.child_ids.append(child_id)
         return model
 
-    def train_one(spec: ExpertSpec, teacher: torch.Tensor | None = None) -> torch.nn.Module:
-        return kept(train_alone(spec, teacher))
-
-    # The group experts one after the other, or at once (--expert-concurrency); a study's final
-    # evaluation (no runs of their own) takes its experts from the study's cache.
     way = concurrency.resolve(cfg.split.expert_concurrency, len(specs)) if expert_runs else choices.SEQUENTIAL
     if len(specs) > 1 and not shared_run:
         run.set_tags({schema.EXPERT_CONCURRENCY: way})
     if way == choices.THREADS:
-        trained = concurrency.run_at_once([lambda spec=spec: train_alone(spec) for spec in specs], device,
-                                          [spec.name for spec in specs])
-        experts = [kept(t) for t in trained]
+        done = concurrency.run_at_once([lambda spec=spec: train_alone(spec) for spec in specs], prep.device,
+                                       [spec.name for spec in specs])
+        trained.experts = [kept(d) for d in done]
     else:
-        experts = [train_one(spec) for spec in specs]
+        trained.experts = [kept(train_alone(spec)) for spec in specs]
     router_spec, student_spec = method.router(specs), method.student(data.info)
-    scorers = experts + ([train_one(router_spec)] if router_spec is not None else [])  # what fusion rules read
-    student = None
+    if router_spec is not None:
+        trained.router = kept(train_alone(router_spec))
     if student_spec is not None:
-        student = train_one(student_spec, teacher_targets(experts, layout, splits.train))
+        trained.student = kept(train_alone(student_spec, teacher_targets(trained.experts, layout, prep.splits.train)))
+    return trained
 
-    # Fusion rules are fitted and chosen on validation; the test set is scored once per rule.
+
+@dataclass
+class FusionChoice:
+    """The fusion chosen on validation, and everything the evaluation reads of it."""
+
+    table: pd.DataFrame  # one row per rule (and the student), validation and test figures
+    fusion: str  # the chosen row
+    predictor: FusedPredictor  # what ships
+    log_probs: torch.Tensor  # its test prediction
+    val_outputs: list[torch.Tensor]
+    test_outputs: list[torch.Tensor]
+    test_time_s: float
+
+
+def choose_fusion(trained: Trained, layout: ExpertLayout, prep: Prepared, method) -> FusionChoice:
+    """Phase 2: every fusion rule of the method fitted and chosen on validation (accuracy, then
+    NLL); the test set is scored once per rule, never used to choose."""
+    data, splits, device = prep.data, prep.splits, prep.device
+    scorers, student = trained.scorers, trained.student
     val_outputs = [predict_logits(m, splits.val.images) for m in scorers]
     test_outputs, test_time = _timed(device, lambda: [predict_logits(m, splits.test.images) for m in scorers])
     table = fusion_table(layout, (val_outputs, splits.val.labels), data.info, method.fusion_rules(layout),
@@ -475,18 +268,31 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         predictor = FusedPredictor(scorers, layout, chosen, data.info.class_names, data.image_shape, row["params"])
         log_probs, fuse_time = _timed(device, lambda: fuse(chosen, test_outputs, layout, predictor.fusion_params))
         test_time += fuse_time
-    test_metrics = classification_metrics(log_probs, splits.test.labels, data.info)
+    return FusionChoice(table, chosen, predictor, log_probs, val_outputs, test_outputs, test_time)
+
+
+def evaluate_and_log(cfg: RunConfig, run: tracking.Run, prep: Prepared, method, specs: list[ExpertSpec],
+                     layout: ExpertLayout, trained: Trained, choice: FusionChoice, *, expert_runs: bool = True,
+                     shared_run: bool = False) -> dict[str, float]:
+    """Phase 3: the chosen model's test figures beside its validation ones (and, with several
+    experts, the oracle as an upper bound), logged with the per-rule table and the test
+    artifacts. Returns the run's metrics (`val_*` included)."""
+    data, splits = prep.data, prep.splits
+    table, results = choice.table, trained.results
+    row = table.set_index("fusion").loc[choice.fusion]
+    test_metrics = classification_metrics(choice.log_probs, splits.test.labels, data.info)
     val_metrics = {k[4:]: row[k] for k in table.columns if k.startswith("val_")}
-    if router_spec is not None:  # the router's own accuracy at predicting the true group
-        val_metrics["router_acc"] = route_accuracy(val_outputs, layout, splits.val.labels)
-        test_metrics["router_acc"] = route_accuracy(test_outputs, layout, splits.test.labels)
+    if trained.router is not None:  # the router's own accuracy at predicting the true group
+        val_metrics["router_acc"] = route_accuracy(choice.val_outputs, layout, splits.val.labels)
+        test_metrics["router_acc"] = route_accuracy(choice.test_outputs, layout, splits.test.labels)
 
     metrics = headline_metrics(results)
-    if len(scorers) == 1 and student is None:  # one model: its last epoch beside the selected one
+    if len(trained.scorers) == 1 and trained.student is None:  # one model: its last epoch beside the selected one
         metrics.update(last_epoch_metrics(cfg, method, specs[0], prep, results[0], test_metrics, val_metrics["acc"]))
     if len(specs) > 1:
-        test_metrics["routing_acc"] = routing_accuracy(log_probs.argmax(1), splits.test.labels, layout)
-        oracle = accuracy_metrics(oracle_predict(test_outputs, layout, splits.test.labels), splits.test.labels, data.info)
+        test_metrics["routing_acc"] = routing_accuracy(choice.log_probs.argmax(1), splits.test.labels, layout)
+        oracle = accuracy_metrics(oracle_predict(choice.test_outputs, layout, splits.test.labels), splits.test.labels,
+                                  data.info)
         test_metrics.update({"oracle_acc": oracle["acc"], "oracle_head_acc": oracle["head_acc"],
                              "oracle_tail_acc": oracle["tail_acc"]})
         metrics["best_val_acc"] = val_metrics["acc"]  # the fused model's, as chosen on validation
@@ -499,23 +305,28 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
         log_table = pd.concat([table, pd.DataFrame([oracle_row])], ignore_index=True)
         run.log_table(log_table.drop(columns=["params"]).assign(params=[json.dumps(p) for p in log_table["params"]]),
                       "eval/fusion_rules.csv")
-        run.set_tags({schema.FUSION: chosen})
+        run.set_tags({schema.FUSION: choice.fusion})
     metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
-    metrics["test_time_s"] = test_time
+    metrics["test_time_s"] = choice.test_time_s
     # A summary whose key has no per-epoch curve on this run is one value at step 0, which MLflow's
     # chart view draws as a bar per run (a value at a later step reads as a one-point curve); a
     # single model's curves already end with its last epoch's loss, lr and times, so those keys
     # get no summary point at all (no curve holds its final value twice or starts with it).
     last_epoch = max(r.epochs_run for r in results)
-    curves = set(results[0].history[-1]) if in_parent and results[0].history else set()
+    curves = set(results[0].history[-1]) if trained.in_parent and results[0].history else set()
     run.log_metrics({k: v for k, v in metrics.items() if k not in curves}, step=0)
-    if not in_parent and expert_runs and not shared_run:  # each expert's curves on the parent too
+    if not trained.in_parent and expert_runs and not shared_run:  # each expert's curves on the parent too
         for spec, result in zip(specs, results):
             run.log_history(result.history, f"__expert_{spec.name}")
     # The shipped model's validation metrics, as the last point of the val_* curves.
     run.log_metrics({f"val_{k}": v for k, v in val_metrics.items()}, step=last_epoch + 1)
-    log_test_artifacts(run, log_probs.argmax(1), splits.test.labels, data)
+    log_test_artifacts(run, choice.log_probs.argmax(1), splits.test.labels, data)
+    return {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
 
+
+def ship_model(cfg: RunConfig, run: tracking.Run, predictor: FusedPredictor, data: LongTailData):
+    """Phase 4: the fused predictor logged as the run's pyfunc model (and registered under
+    --register-as); returns its URI and the registered version (None when not registered)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             predictor.save(tmp)
@@ -526,10 +337,7 @@ def execute(cfg: RunConfig, run: tracking.Run, prep: Prepared | None = None, *, 
     if cfg.tracking.register_as:
         tracking.flush()
         version = tracking.register_model(run.run_id, cfg.tracking.register_as, cfg.tracking.alias)
-    for checkpoint in filter(None, checkpoints):
-        checkpoint.clear()  # the run is complete: the identical command starts afresh next time
-    return ExperimentResult(run.run_id, {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}, table,
-                            model_uri, version, chosen, child_ids)
+    return model_uri, version
 
 
 def last_epoch_metrics(cfg: RunConfig, method, spec: ExpertSpec, prep: "Prepared", result: FitResult,

@@ -5,7 +5,7 @@ A killed run must cost neither its training nor the truth of its record:
 - `Checkpointer` is the hook `engine.fit` calls: it saves weights, optimiser, scheduler,
   sampler/augment generator and torch RNG state, epoch, stage and best-so-far state every
   `--checkpoint-every` (epochs, or minutes of wall time) into a local cache keyed by the expert's
-  resolved configuration (`experiment.expert_key`), and hands it back when the identical command
+  resolved configuration (`training.expert_key`), and hands it back when the identical command
   runs again. Restoring every RNG makes the resumed run end bit-identical on CPU.
 
 Signals, launchers and which process runs a run live in the torch-free `processes.py`; the

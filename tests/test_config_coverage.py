@@ -17,7 +17,7 @@ import torch
 from conftest import write_cifar_archive, write_image_folder
 from ltexp.cli import TRAIN_SECTIONS, SECTIONS
 from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, resolve_config, setting_fields, used_settings
-from ltexp.experiment import build_experts, expert_info, prepare, teacher_targets, train_expert
+from ltexp.training import build_experts, expert_info, prepare, teacher_targets, train_expert
 
 # field -> (base settings, the field's other value); base settings make the field apply.
 DIGITS = {"epochs": 1, "batch_size": 128}

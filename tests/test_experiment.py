@@ -11,7 +11,7 @@ from ltexp.data import build_long_tail
 from ltexp.data.device import DeviceImages
 from ltexp.data.sources import load_digits_source
 from ltexp.engine import FitResult, predict_logits
-from ltexp.experiment import ExpertCache, build_experts, expert_info, expert_view, teacher_targets
+from ltexp.training import ExpertCache, build_experts, expert_info, expert_view, teacher_targets
 from ltexp.losses import BalancedSoftmax, Distilled
 from ltexp.methods import ROUTER, STUDENT
 
@@ -98,7 +98,7 @@ def test_an_expert_cache_folder_shares_experts_between_processes(tmp_path):
 
 def test_a_checkpoint_belongs_to_its_tracking_store(mlflow_store, tmp_path, monkeypatch):
     import mlflow
-    from ltexp.experiment import checkpointer
+    from ltexp.training import checkpointer
     from ltexp.methods import ExpertSpec
 
     monkeypatch.setenv("LTEXP_CACHE", str(tmp_path / "cache"))
@@ -119,7 +119,7 @@ def test_a_checkpoint_belongs_to_its_tracking_store(mlflow_store, tmp_path, monk
 
 
 def test_resuming_under_another_thread_count_says_so(mlflow_store, tmp_path, monkeypatch, capsys):
-    from ltexp.experiment import checkpointer
+    from ltexp.training import checkpointer
     from ltexp.methods import ExpertSpec
 
     monkeypatch.setenv("LTEXP_CACHE", str(tmp_path / "cache"))
@@ -182,7 +182,7 @@ def _leave_first_epoch_checkpoint(args):
     process: same configuration, store and cache, so the same key); returns its path."""
     from ltexp.cli import _sections, build_parser
     from ltexp.engine import fit
-    from ltexp.experiment import checkpointer, fit_inputs, new_expert_model, prepare
+    from ltexp.training import checkpointer, fit_inputs, new_expert_model, prepare
 
     parsed = build_parser().parse_args(["train", *args])
     cfg = resolve_config(_sections(parsed), seed=parsed.seed, device=parsed.device)
@@ -265,7 +265,8 @@ def test_a_run_reports_its_last_epochs_model_beside_the_selected_one(mlflow_stor
     figures are those of that model, not the trained run's."""
     import dataclasses
 
-    from ltexp.experiment import last_epoch_metrics, new_expert_model, prepare, train_expert
+    from ltexp.experiment import last_epoch_metrics
+    from ltexp.training import new_expert_model, prepare, train_expert
     from ltexp.metrics import classification_metrics
 
     cfg = resolve_config({"optim": {"epochs": 3}, "method": {"method": "tau_norm"}})

@@ -38,7 +38,7 @@ def test_every_choice_list_is_declared_once_and_keys_its_registry():
 def test_every_method_resolves_and_has_stages():
     from ltexp.data import build_long_tail
     from ltexp.data.sources import load_digits_source
-    from ltexp.experiment import expert_info
+    from ltexp.training import expert_info
     from ltexp.methods import build_method
 
     info = build_long_tail(load_digits_source(), "exp", 0.1, "holdout", 20, seed=0).info
@@ -98,7 +98,7 @@ def test_split_experts_use_the_loss_with_their_own_counts():
     "other" label, counted as the images it draws per epoch)."""
     from ltexp.data import build_long_tail
     from ltexp.data.sources import load_digits_source
-    from ltexp.experiment import expert_info
+    from ltexp.training import expert_info
     from ltexp.losses import BalancedSoftmax, log_prior
     from ltexp.methods import build_method
 

@@ -51,7 +51,7 @@ def test_preset_field_is_cao_et_al_s_protocol_every_part_a_setting():
 
 def test_the_optimiser_follows_the_schedule_epoch_by_epoch():
     """The `lr` each epoch logged is the rate SGD used in it (read from the optimiser)."""
-    from ltexp.experiment import prepare, train_expert
+    from ltexp.training import prepare, train_expert
     from ltexp.methods import ExpertSpec, build_method
 
     cfg = resolve_config({"optim": {"epochs": 8, "lr": 0.05, "lr_schedule": "multistep", "lr_milestones": "4,6",

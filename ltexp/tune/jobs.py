@@ -18,7 +18,7 @@ from ltexp import LtexpError, processes, tracking
 from ltexp.config import RunConfig, TuneConfig
 from ltexp.coord.budget import TrialBudget
 from ltexp.coord.storage import open_storage
-from ltexp.experiment import ExpertCache, prepare
+from ltexp.training import ExpertCache, prepare
 from ltexp.tune.objective import Objective
 from ltexp.tune.samplers import build_pruner, set_sampler
 from ltexp.tune.space import SearchSpace, parse_objective

@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 import torch
 
 from ltexp import lifecycle, schema, tracking
 from ltexp.config import RunConfig
-from ltexp.experiment import (ExpertCache, Prepared, build_experts, checkpointer, expert_key, expert_steps,
-                              fusion_table, train_expert)
+from ltexp.experiment import fusion_table
+from ltexp.training import ExpertCache, Lockstep, Prepared, build_experts, checkpointer
 from ltexp.tune.space import SearchSpace, apply, objective_value
-
-
-@dataclass
-class _Expert:
-    """One expert of a trial: from the cache (`steps` None) or in training (`steps` its epochs)."""
-
-    spec: Any
-    key: str
-    model: Any
-    steps: Any
-    checkpoint: Any
-
-
-def _clear(experts: list[_Expert]) -> None:
-    for e in experts:
-        if e.checkpoint is not None:
-            e.checkpoint.clear()
 
 
 @dataclass
@@ -62,40 +44,16 @@ class Objective:
             # comparable across trials whatever the split (an expert's own accuracy is not: a
             # 2-class head expert scores higher than an 8-class one).
             cadence = lifecycle.Cadence(lifecycle.Every.parse(cfg.tracking.checkpoint_every))
-            experts = []
-            for spec in specs:
-                key = expert_key(cfg, spec)
-                if self.cache.has(key):
-                    model, _, _ = train_expert(cfg, method, spec, self.prep, None, False, self.cache)
-                    experts.append(_Expert(spec, key, model, None, None))
-                else:
-                    self.cache.misses += 1
-                    ckpt = checkpointer(cfg, spec, run.run_id, self.parent.run_id,
-                                        f"trial {trial.number} expert {spec.name}", cadence)
-                    model, steps = expert_steps(cfg, method, spec, self.prep, ckpt)
-                    experts.append(_Expert(spec, key, model, steps, ckpt))
+            lockstep = Lockstep(cfg, method, specs, self.prep, self.cache, lambda spec: checkpointer(
+                cfg, spec, run.run_id, self.parent.run_id, f"trial {trial.number} expert {spec.name}", cadence))
             step = 0
             try:
-                while True:
-                    t0 = time.perf_counter()
-                    records = {}
-                    for e in experts:
-                        if e.steps is None:
-                            continue
-                        try:
-                            records[e.spec.name] = next(e.steps)
-                        except StopIteration as done:
-                            e.steps = None
-                            self.cache.put(e.key, e.model, done.value)
-                    if not records:
-                        break
-                    step += 1
+                t0 = time.perf_counter()
+                for step, records, replayed in lockstep.rounds():
                     metrics = {f"{k}__expert_{name}": v for name, record in records.items() for k, v in record.items()
                                if k.startswith("val_") or k == "train_loss"}
-                    # Epochs replayed from a checkpoint were reported by the trial this one retries.
-                    replayed = all(step <= e.checkpoint.resumed_epoch for e in experts if e.spec.name in records)
                     if not replayed:
-                        value, _ = self.fused(cfg, layout, [e.model for e in experts])
+                        value, _ = self.fused(cfg, layout, lockstep.models)
                         metrics["objective"] = value
                     compute += time.perf_counter() - t0
                     run.log_epoch({**metrics, "epoch": step})
@@ -104,6 +62,7 @@ class Objective:
                         if trial.should_prune():
                             raise optuna.TrialPruned(f"pruned at epoch {step}: fused {self.space.tune.metric} "
                                                      f"{value:.4f}")
+                    t0 = time.perf_counter()
             except KeyboardInterrupt:
                 # Ctrl-C / SIGTERM: Optuna fails the trial; queue its parameters so the next session
                 # runs it first and its experts continue from their checkpoints.
@@ -113,12 +72,12 @@ class Objective:
                 run.set_tags({schema.TRIAL_STATE: "PRUNED"})
                 run.status = "KILLED"
                 self._account(started, compute)
-                _clear(experts)
+                lockstep.clear_checkpoints()
                 raise
             t0 = time.perf_counter()
-            for e in experts:
-                e.model.eval()
-            value, val_metrics = self.fused(cfg, layout, [e.model for e in experts])
+            for model in lockstep.models:
+                model.eval()
+            value, val_metrics = self.fused(cfg, layout, lockstep.models)
             compute += time.perf_counter() - t0
             overhead = self._account(started, compute)
             # One write for the trial's results (metrics and state tag together).
@@ -127,7 +86,7 @@ class Objective:
             run.log_batch(metrics={**{f"val_{k}": v for k, v in val_metrics.items()}, "objective": value},
                           tags={schema.TRIAL_STATE: "COMPLETE"}, step=step,
                           summaries={"trial_time_s": self.trial_s[-1], "overhead_s": overhead})
-            _clear(experts)
+            lockstep.clear_checkpoints()
         return value
 
     def fused(self, cfg: RunConfig, layout, models: list) -> tuple[float, dict[str, float]]:

@@ -18,7 +18,8 @@ from ltexp.coord.budget import TrialBudget, state_counts
 from ltexp.coord.claim import parent_run_id, record_parent_run
 from ltexp.coord.optuna_internals import TRIAL_FAILURE_LOGGER
 from ltexp.coord.storage import default_storage, open_storage
-from ltexp.experiment import ExpertCache, execute, prepare
+from ltexp.experiment import execute
+from ltexp.training import ExpertCache, prepare
 from ltexp.progress import CountProgress
 from ltexp.threads import job_threads
 from ltexp.tune.jobs import JobArgs, TuneJobs, frozen_heap, removed_at_exit
