@@ -203,7 +203,7 @@ class Lockstep:
     """Several experts trained one epoch each in turn (a tuning trial: after each round the
     pruner reads the fused validation score of all experts). An expert the `cache` holds is
     taken from it and takes no turns; one that finishes is put there. `checkpoint_for(spec)` gives
-    each expert's checkpoint, whose epochs, when a trial is retried, are replayed (`rounds`
+    each expert's checkpoint (or None), whose epochs, when a trial is retried, are replayed (`rounds`
     says which rounds were)."""
 
     def __init__(self, cfg: RunConfig, method, specs: list[ExpertSpec], prep: "Prepared", cache: ExpertCache,
@@ -243,7 +243,7 @@ class Lockstep:
             if not records:
                 return
             number += 1
-            replayed = all(number <= c.resumed_epoch for spec, c in zip(self.specs, self._checkpoints)
+            replayed = all(c is not None and number <= c.resumed_epoch for spec, c in zip(self.specs, self._checkpoints)
                            if spec.name in records)
             yield number, records, replayed
 
