@@ -23,12 +23,13 @@ import html
 import re
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
 
 from ltexp import LtexpError, schema
+from ltexp.data.sources import parse_dataset
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"   # the paper's (`--preset paper`)
 FIELD_RESULTS = Path(__file__).resolve().parent / "field_results.csv"   # the field's (`--preset field`)
@@ -178,9 +179,19 @@ def _published(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset) -> pd
     protocol = "paper" if preset == "ltexp" else preset
     # A folder of a published data set's images (e.g. ../shared/data's JPEG copy of CIFAR-10,
     # `folder:cifar10`) is compared with that data set's figures (docs/grid-report.md).
-    dataset = dataset[len("folder:"):] if isinstance(dataset, str) and dataset.startswith("folder:") else dataset
+    dataset = _published_dataset(dataset)
     return paper[(paper["dataset"] == dataset) & (paper["imb_type"] == imb_type)
                  & np.isclose(paper["imb_factor"], imb_factor) & (paper["protocol"] == protocol)]
+
+
+def _published_dataset(dataset) -> str:
+    """The published data set a run's `ltexp.data_name` names: a folder's own name (`folder:cifar10`
+    -> `cifar10`), a named data set itself; anything else (a list or pack) as it is."""
+    try:
+        spec = parse_dataset(dataset)
+    except (LtexpError, TypeError, AttributeError):
+        return dataset
+    return PurePath(spec.location).name if spec.kind == "folder" else dataset
 
 
 def _has_paper(paper: pd.DataFrame, dataset, imb_type, imb_factor, preset="ltexp") -> bool:
