@@ -27,7 +27,8 @@ SEQUENTIAL, THREADS = "sequential", "threads"
 EXPERT_CONCURRENCY = (SEQUENTIAL, THREADS)
 
 AUGMENTS = ("crop_flip", "crop", "none")            # ltexp.data.device.build_augment
-MODEL_BODIES = ("resnet18", "resnet32", "smallcnn")  # ltexp.models.BODIES
+# ltexp.models.BODIES: CIFAR-sized nets first, then torchvision's ImageNet-scale ResNets.
+MODEL_BODIES = ("resnet18", "resnet32", "smallcnn", "resnet10", "resnet50", "resnet152", "resnext50_32x4d")
 
 # Each loss (ltexp.losses.LOSSES) and the loss settings it reads: `LossConfig` fields, which are
 # also the loss's keyword arguments. The others are not logged for a run that uses this loss.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ltexp import LtexpError, __version__, redact
 from ltexp.config import (AUTO, DataConfig, LossConfig, MethodConfig, ModelConfig, OptimConfig, SplitConfig,
-                          RUN_PRESETS, TrackingConfig, TuneConfig, resolve_config)
+                          TrackingConfig, TuneConfig, resolve_config)
+from ltexp.presets import RUN_PRESETS
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "method": MethodConfig,
             "loss": LossConfig, "split": SplitConfig, "tracking": TrackingConfig, "tune": TuneConfig}
@@ -122,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-resume", dest="tracking.resume", action="store_const", const=False,
                          help="start afresh, ignoring any checkpoint (same as --resume false)")
     train.add_argument("--preset", default="ltexp", choices=list(RUN_PRESETS),
-                       help="protocol: ltexp (data-set defaults), paper (the paper's Table 1) or field (Cao et "
-                            "al.'s CIFAR-LT: ResNet-32, 200 epochs, warm-up 5, x0.01 at 160 and 180, DRW 161); "
-                            "a setting given on the command line wins (default: ltexp)")
+                       help="protocol: ltexp (data-set defaults), paper (the paper's Table 1), field (Cao et "
+                            "al.'s CIFAR-LT: ResNet-32, 200 epochs, warm-up 5, x0.01 at 160 and 180, DRW 161), "
+                            "or imagenet_lt / places_lt / inat18 (Kang et al. 2020's large benchmarks, 224 px; "
+                            "docs/large-benchmarks.md); a setting given on the command line wins (default: ltexp)")
     for action in train._actions:
         if "." in action.dest:
             action.default = argparse.SUPPRESS  # so a preset fills only what the user did not set

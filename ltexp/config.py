@@ -20,6 +20,7 @@ from ltexp.choices import (AUGMENTS, COMPILE_MODES, COMPILE_NONE, DEVICES, EXPER
                            RESAMPLINGS, SEQUENTIAL, STUDENT, STUDENT_SAMPLINGS)
 from ltexp.choices import FUSIONS as FUSION_RULES
 from ltexp.durations import Every
+from ltexp.presets import CIFAR_VAL_PER_CLASS, DRW_START, PRESETS, RUN_PRESETS
 from ltexp.data.longtail import IMB_TYPES, VAL_SOURCES
 from ltexp.data.sources import parse_dataset
 from ltexp.schedules import LR_SCHEDULES, parse_milestones
@@ -138,10 +139,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: `auto` picks ResNet-18 for 32-px images (the paper) and a small CNN for 8x8."""
+    """The network: `auto` picks ResNet-18 for 32-px images (the paper) and a small CNN for 8x8;
+    the torchvision ResNets serve the ImageNet-scale benchmarks (docs/large-benchmarks.md)."""
 
-    model: str = setting(AUTO, "smallcnn, resnet18 (the paper) or resnet32 (auto: by image size)",
+    model: str = setting(AUTO, "smallcnn, resnet18 (the paper), resnet32 (the field's CIFAR net), or torchvision's "
+                               "ImageNet-scale resnet10, resnet50, resnet152, resnext50_32x4d (auto: by image size)",
                          choices=MODELS, auto=True)
+    weights: str = setting("", "path to a local state_dict file loaded into the body before training, with "
+                               "torchvision's names for its ResNets (fc.* is skipped: the head trains from scratch), "
+                               "e.g. ImageNet weights for --preset places_lt; empty = random init. Never downloaded")
 
     def __post_init__(self) -> None:
         _check_section(self)
@@ -368,7 +374,8 @@ class RunConfig:
     seed: int = setting(0, "training seed")
     device: str = setting(AUTO, "auto, cpu, cuda or mps", choices=DEVICES)
     preset: str = setting("ltexp", "the protocol unset and auto fields come from: ltexp (the data set's defaults, "
-                                   "holdout validation) or paper (the paper's Table 1; see RUN_PRESETS)")
+                                   "holdout validation), paper (the paper's Table 1), field (Cao et al.'s CIFAR-LT) "
+                                   "or imagenet_lt / places_lt / inat18 (ltexp/presets.py)")
 
     def __post_init__(self) -> None:
         _check_section(self)
@@ -387,7 +394,7 @@ SAMPLERS_OPTUNA = ("tpe", "random")
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """An Optuna study over split experts (`ltexp tune`); see ltexp/tune.py for the search space."""
+    """An Optuna study over split experts (`ltexp tune`); see ltexp/tune/space.py for the search space."""
 
     n_trials: int = setting(20, "trials to finish (COMPLETE or PRUNED); rerunning continues the study up to this")
     study_name: str = setting("", "Optuna study name (empty: ltexp-<dataset>-<imb_type>-<imb_factor>-<metric>)")
@@ -439,44 +446,6 @@ class TuneConfig:
     def fusion_list(self) -> list[str]:
         return [f.strip() for f in self.fusions.split(",") if f.strip()]
 
-
-# Data-set dependent defaults, applied to every field the user left at "auto".
-# Digits: sized so the quickstart (`mlflow run . -e baseline`) takes well under a minute on 2 CPU cores.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cifar": {"model": "resnet18", "epochs": 200, "batch_size": 128, "lr": 0.1,
-              "weight_decay": 2e-4, "lr_step": 150, "augment": "crop_flip", "val_per_class": 0},
-    "digits": {"model": "smallcnn", "epochs": 100, "batch_size": 64, "lr": 0.05,
-               "weight_decay": 5e-4, "lr_step": 70, "augment": "crop", "val_per_class": 20},
-    "folder": {"model": "resnet18", "epochs": 30, "batch_size": 64, "lr": 0.05,
-               "weight_decay": 5e-4, "lr_step": 20, "augment": "crop_flip", "val_per_class": 10},
-}
-# Holdout validation images per class for CIFAR (the source has 5,000 / 500 per class).
-CIFAR_VAL_PER_CLASS = {"cifar10": 100, "cifar100": 20}
-# Share of the epochs before LDAM's deferred re-weighting starts (Cao et al.: epoch 160 of 200).
-DRW_START = 0.8
-
-
-# Whole protocols (`--preset`): field values applied by `resolve_config` to every field that is
-# unset or "auto", before the data-set defaults above. "ltexp": those defaults and a balanced
-# holdout validation set. "paper": the paper's protocol (its Table 1) on any data set: ResNet-18,
-# SGD momentum 0.9, lr 0.1, weight decay 2e-4, batch 128, StepLR 150 / 0.1 (so no decay within
-# its 100 epochs), LWS trained jointly, validation carved 9:1 from the test set; split clips
-# gradients at norm 5. `by_method` holds the values that apply to one method only.
-RUN_PRESETS: dict[str, dict[str, Any]] = {
-    "ltexp": {},
-    # The field's protocol (Cao et al. 2019, kaidic/LDAM-DRW's cifar_train.py): ResNet-32, 200
-    # epochs, batch 128, SGD lr 0.1 momentum 0.9 weight decay 2e-4, 5 warm-up epochs, lr x 0.01
-    # after epoch 160 and x 0.0001 after 180, DRW (beta 0.9999) from epoch 161 (its `epoch // 160`
-    # counts from 0), LDAM margin 0.5 and scale 30, crop 32 / padding 4 + flip. Validation: the
-    # default holdout drawn from training images (the anchors select on the test set).
-    "field": {"model": "resnet32", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
-              "weight_decay": 2e-4, "lr_schedule": "multistep", "lr_milestones": "160,180", "lr_gamma": 0.01,
-              "warmup_epochs": 5, "augment": "crop_flip", "ldam_max_margin": 0.5, "ldam_scale": 30.0,
-              "drw_epoch": 161, "drw_beta": 0.9999},
-    "paper": {"model": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
-              "weight_decay": 2e-4, "lr_step": 150, "lr_gamma": 0.1, "lws_mode": "joint", "val_source": "paper",
-              "by_method": {"split": {"clip_norm": 5.0}}},
-}
 
 
 def apply_preset(sections: dict[str, dict[str, Any]], preset: str) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,8 @@ from typing import Any, Callable
 from ltexp import LtexpError, redact, schema
 from ltexp.choices import METHODS
 from ltexp.processes import PARENT_ENV
-from ltexp.config import BOOKKEEPING_FIELDS, RUN_PRESETS, RunConfig, flatten, resolve_config
+from ltexp.config import BOOKKEEPING_FIELDS, RunConfig, flatten, resolve_config
+from ltexp.presets import RUN_PRESETS
 from ltexp.progress import CountProgress
 
 # Settings that never change what a cell computes (the config's bookkeeping fields): left out

@@ -4,6 +4,11 @@
 - `resnet32`: CIFAR ResNet-32 (He et al. 2016, option-A shortcuts), the model most published
   long-tail numbers use (LDAM-DRW, decoupling).
 - `smallcnn`: three conv layers for 8x8 digits.
+- `resnet10`, `resnet50`, `resnet152`, `resnext50_32x4d`: torchvision's ImageNet-scale ResNets
+  (7x7 stem, max-pool) for the field's large benchmarks; `resnet10` is the BasicBlock [1, 1, 1, 1]
+  net of OLTR (Liu et al. 2019) and classifier balancing (Kang et al. 2020). Their `fc` is dropped:
+  the body ends at the pooled features, as every body here does. `build_model(weights=...)` loads
+  a local state_dict file into the body (torchvision's names); nothing is ever downloaded.
 
 The head is a linear layer with a per-class scale (LWS, Kang et al. 2019): logits_c =
 s_c * (w_c . f + b_c). The scales are ones and frozen unless the method learns them.
@@ -12,6 +17,7 @@ s_c * (w_c . f + b_c). The scales are ones and frozen unless the method learns t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -112,10 +118,31 @@ def _smallcnn_body(in_channels: int) -> tuple[nn.Module, int]:
     return body, 128
 
 
+def _torchvision_body(in_channels: int, make) -> tuple[nn.Module, int]:
+    """torchvision's ResNet `make(torchvision.models)`, randomly initialised, with its `fc` made an
+    identity, so it returns the pooled features and its state_dict keeps torchvision's names."""
+    from torchvision import models as tv  # here, not at import: serving a small model need not load it
+
+    net = make(tv)
+    stem = net.conv1
+    if in_channels != stem.in_channels:
+        # ImageNet's stem takes RGB; grey images (digits) get a stem of the same shape for one
+        # channel, initialised as torchvision initialises its own convolutions.
+        net.conv1 = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    num_features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, num_features
+
+
 BODIES = registry("model body", MODEL_BODIES, {
     "resnet18": lambda c: _resnet_body(c, 64, (64, 128, 256, 512), (2, 2, 2, 2), "conv"),
     "resnet32": lambda c: _resnet_body(c, 16, (16, 32, 64), (5, 5, 5), "pad"),
     "smallcnn": _smallcnn_body,
+    "resnet10": lambda c: _torchvision_body(c, lambda tv: tv.resnet.ResNet(tv.resnet.BasicBlock, [1, 1, 1, 1])),
+    "resnet50": lambda c: _torchvision_body(c, lambda tv: tv.resnet50(weights=None)),
+    "resnet152": lambda c: _torchvision_body(c, lambda tv: tv.resnet152(weights=None)),
+    "resnext50_32x4d": lambda c: _torchvision_body(c, lambda tv: tv.resnext50_32x4d(weights=None)),
 })
 
 
@@ -146,13 +173,60 @@ class Classifier(nn.Module):
 
 
 def build_model(arch: str, image_shape: tuple[int, int, int], num_classes: int, mean, std,
-                learn_scales: bool = False, head: str = "linear") -> Classifier:
+                learn_scales: bool = False, head: str = "linear", weights: str = "") -> Classifier:
     """A `Classifier` for images of shape (H, W, C); `arch="auto"` picks by image size; `head`
-    is `linear` or `cosine`."""
+    is `linear` or `cosine`; `weights`, when given, is a state_dict file loaded into the body
+    (`load_body_weights`), else the body keeps its random initialisation."""
     height, _, channels = image_shape
     if arch == "auto":
         arch = "resnet18" if height >= 32 else "smallcnn"
-    return Classifier(arch, channels, num_classes, mean, std, learn_scales, head)
+    model = Classifier(arch, channels, num_classes, mean, std, learn_scales, head)
+    if weights:
+        load_body_weights(model, weights)
+    return model
+
+
+def load_body_weights(model: Classifier, path: str) -> None:
+    """Load the state_dict file at `path` into `model.body`, refusing one that does not fit.
+
+    The file holds tensors only (`torch.load(weights_only=True)`), keyed as the body names them:
+    for the torchvision bodies, torchvision's own names, so a `torchvision.models.resnet50`
+    state_dict fits `resnet50`. Its `fc.*` entries (torchvision's 1000-class classifier) are
+    skipped: the head is ltexp's own and trains from scratch. A missing `num_batches_tracked`
+    (files older than PyTorch 0.4.1) is filled in by BatchNorm itself.
+    """
+    file = Path(path).expanduser()
+    flag = f"--weights {path!r}"
+    if not file.is_file():
+        raise LtexpError(f"{flag}: no such file (a local state_dict file for the body; ltexp never downloads weights)")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a file torch.save wrote, or one holding objects besides tensors
+        # torch's message is a page (and suggests weights_only=False); its cause is one sentence.
+        text = " ".join(str(exc).split())
+        cause = text.partition("WeightsUnpickler error: ")[2].split(" Check the documentation")[0].split(". ")[0]
+        reason = cause or f"{type(exc).__name__}: {text}"
+        raise LtexpError(f"{flag} is not a state_dict file that torch.load(weights_only=True) reads "
+                         f"({reason[:200]})") from None
+    if not isinstance(saved, dict):
+        raise LtexpError(f"{flag} holds a {type(saved).__name__}, not a state_dict (a dict of name -> tensor)")
+    other = next((k for k, v in saved.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:  # e.g. a training checkpoint that wraps the state_dict with other entries
+        raise LtexpError(f"{flag} is not a state_dict: its entry {other!r} is a {type(saved[other]).__name__}, "
+                         "not a tensor (save the body's state_dict alone)")
+    state = {k: v for k, v in saved.items() if not k.startswith("fc.")}
+    expected = model.body.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise LtexpError(f"{flag} does not fit --model {model.arch}: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    wrong = [k for k in state if state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise LtexpError(f"{flag} does not fit --model {model.arch} for these images: {k} has shape "
+                         f"{tuple(state[k].shape)} in the file, the body needs {tuple(expected[k].shape)}")
+    model.body.load_state_dict(state)
 
 
 def channel_stats(images_nhwc) -> tuple[list[float], list[float]]:

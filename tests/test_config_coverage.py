@@ -33,6 +33,7 @@ CASES = {
     "augment": ({}, "none"),
     "data_seed": ({}, 1),
     "model": ({}, "resnet32"),
+    "weights": ({}, "smallcnn.pt"),  # a file the fixture writes: the digits smallcnn body, all weights 0.01
     "epochs": ({}, 2),
     "batch_size": ({}, 64),
     "lr": ({}, 0.01),
@@ -80,6 +81,10 @@ def data_dirs(tmp_path_factory):
     write_cifar_archive(root / "cifar", "cifar10", 30, 5, seed=0)
     write_cifar_archive(root / "other", "cifar10", 30, 5, seed=1)
     write_image_folder(root / "images", 24, 6)
+    from ltexp.models import build_model
+    body = build_model("smallcnn", (8, 8, 1), 10, [0.0], [1.0]).body
+    torch.save({k: torch.full_like(v, 0.01) if v.is_floating_point() else v for k, v in body.state_dict().items()},
+               root / "smallcnn.pt")
     return root
 
 
@@ -93,7 +98,7 @@ def _config(settings: dict, data_dirs: Path) -> RunConfig:
             sections["model"] = {"model": "smallcnn"}
             if value == "cifar10":
                 sections["data"]["val_per_class"] = 5
-        if name == "data_dir":
+        if name in ("data_dir", "weights"):
             value = str(data_dirs / value)
         if name in ("seed", "preset"):
             continue
